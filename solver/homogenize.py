@@ -1,0 +1,117 @@
+"""solver.homogenize(cell) -> HomogenizationResult: the single-process API.
+
+The same function runs distributed when given an MPI Domain (hpc.domain): the cell
+then holds only the rank's block of phases (plus nothing else: the operator asks the
+Domain for ghosts).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .domain import SerialDomain
+from .materials import engineering_constants
+from .operator import ElasticityOperator
+from .pcg import pcg
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclasses.dataclass
+class HomogenizationResult:
+    C: np.ndarray                       # (6, 6) Voigt, engineering shear
+    iterations: list                    # per load case
+    residuals: list                     # true relative residual per load case
+    converged: bool
+    error_estimate: float               # estimated ||C - C*||_F / ||C||_F
+    error_estimate_cases: list          # estimated relative error of C_ii per case
+    precision: str
+    solver: str
+    preconditioner: str
+    rtol: float
+    ctol: Optional[float]
+    times: dict
+    shape: tuple
+    device: str
+    domain: dict
+    soft: float
+    chi: Optional[torch.Tensor] = None  # (6, 3, l_x, l_y, l_z) fluctuations, if kept
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def engineering(self) -> dict:
+        return engineering_constants(self.C)
+
+
+def _default_preconditioner(op, name: str):
+    if name == "jacobi":
+        dinv = 1.0 / op.diagonal()
+        return lambda r: r * dinv
+    if name in ("multigrid", "mg"):
+        try:
+            from .multigrid import build_multigrid
+        except ImportError as exc:  # pragma: no cover - until the multigrid lands
+            raise ValueError(f"preconditioner {name!r} is not available: {exc}") from None
+        return build_multigrid(op)
+    raise ValueError(f"unknown preconditioner {name!r} (choose jacobi or multigrid)")
+
+
+def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: int = 20000,
+               precision: str = "float64", device: str = "cpu", preconditioner: str = "jacobi",
+               soft: float = 1e-6, domain=None, x0: Optional[torch.Tensor] = None,
+               callback: Optional[Callable] = None, keep_fields: bool = False) -> HomogenizationResult:
+    """Effective stiffness C^H of a periodic cell (DESIGN.md section 2).
+
+    ``cell`` has ``phases`` (the owned block when ``domain`` is distributed), ``E``,
+    ``nu`` and ``size``. ``precision`` is the storage precision of the solve; all
+    reductions and C^H itself are float64. ``ctol`` additionally stops on the
+    estimated relative C^H error. ``callback(k, rel_res, est_err)`` each iteration.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    t0 = time.perf_counter()
+    dtype = PRECISIONS[precision]
+    dev = torch.device(device)
+    phases = np.asarray(cell.phases)
+    if domain is None:
+        domain = SerialDomain(phases.shape)
+    shape = domain.global_shape
+    h = tuple(float(s) / n for s, n in zip(cell.size, shape))
+    op = ElasticityOperator.from_phases(phases, cell.E, cell.nu, h, soft=soft, domain=domain,
+                                        dtype=dtype, device=dev)
+    f = op.rhs()
+    fscale = op.dot(*(2 * (op.rhs(absolute=True),))).sqrt()
+    energy0 = torch.diagonal(op.mean_stiffness()) * op.volume
+    M = _default_preconditioner(op, preconditioner)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t_setup = time.perf_counter() - t0
+    chi, info = pcg(op, f, x0=x0, precond=M, rtol=rtol, ctol=ctol, maxiter=maxiter,
+                    energy0=energy0, callback=callback, fscale=fscale)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t_solve = time.perf_counter() - t0 - t_setup
+    C = op.chom(chi).cpu().numpy()
+    vol = op.volume
+    diag = np.clip(np.diag(C), 1e-300, None)
+    err_cases = [float(e / vol / d) if math.isfinite(e) else math.inf
+                 for e, d in zip(info.energy_error, diag)]
+    err_cases = [0.0 if info.residuals[b] == 0.0 else e for b, e in enumerate(err_cases)]
+    finite = [e * d for e, d in zip(err_cases, diag)]
+    err_F = float(sum(finite) / np.linalg.norm(C)) if all(map(math.isfinite, finite)) else math.inf
+    t_total = time.perf_counter() - t0
+    return HomogenizationResult(
+        C=C, iterations=info.iterations, residuals=info.residuals,
+        converged=info.all_converged, error_estimate=err_F, error_estimate_cases=err_cases,
+        precision=precision, solver="pcg", preconditioner=preconditioner, rtol=rtol, ctol=ctol,
+        times={"setup": t_setup, "solve": t_solve, "total": t_total}, shape=tuple(shape),
+        device=str(dev), domain=domain.describe(), soft=soft,
+        chi=chi if keep_fields else None, extra={"history": info.history})

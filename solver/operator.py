@@ -1,0 +1,180 @@
+"""Periodic matrix-free hex8 elasticity operator K for a block of load cases.
+
+Fields are tensors (B, 3, l_x, l_y, l_z): B load cases (normally the 6 unit strains),
+3 displacement components, nodes of the owned block. Node (i, j, k) is the (-,-,-)
+corner of voxel (i, j, k).
+
+Apply (element-by-element, no assembled matrix):
+
+    F_e = [K_lambda; K_mu] u_e              gather + GEMM, as a 2x2x2 Conv3d (48 outputs)
+    f_e = lambda_e F_e[:24] + mu_e F_e[24:]
+    y   = sum_e scatter(f_e)                8 shifted adds, then Domain.accumulate
+
+Only the high-side ghost layer of u is needed (Domain.ghost(u, hi=1)); the high-side
+node layer of y belongs to the neighbour and is folded back by Domain.accumulate.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .domain import SerialDomain
+from .element import CORNERS, affine_element_displacements, lame_stiffness_matrices
+from .materials import phase_lame
+
+
+class ElasticityOperator:
+    """K for a voxel grid with per-voxel Lame parameters on a Domain.
+
+    Parameters
+    ----------
+    lam, mu : tensors (l_x, l_y, l_z) on the owned voxels (dtype and device taken
+        from them).
+    h : voxel size (h_x, h_y, h_z).
+    domain : SerialDomain or an MPI domain with the same interface.
+    chunk : voxels per apply chunk (bounds the (B, 48, chunk) temporary).
+    """
+
+    def __init__(self, lam: torch.Tensor, mu: torch.Tensor, h, domain=None, chunk: int = 1 << 21):
+        self.domain = domain if domain is not None else SerialDomain(lam.shape)
+        if tuple(lam.shape) != tuple(self.domain.local_shape):
+            raise ValueError(f"material shape {tuple(lam.shape)} != local block {self.domain.local_shape}")
+        self.dtype, self.device = lam.dtype, lam.device
+        self.lam, self.mu = lam, mu
+        self.h = tuple(float(v) for v in h)
+        self.voxel_volume = float(np.prod(self.h))
+        self.volume = self.voxel_volume * self.domain.n_global
+        K_lam, K_mu = lame_stiffness_matrices(self.h)
+        self._K_lam_np, self._K_mu_np = K_lam, K_mu
+        self.weight = self._conv_weight(np.vstack([K_lam, K_mu]))
+        self.chunk = int(chunk)
+        self._diag = None
+
+    # -- construction helpers -------------------------------------------------
+    @classmethod
+    def from_phases(cls, phases, E, nu, h, soft: float = 1e-6, domain=None,
+                    dtype=torch.float64, device="cpu", **kw):
+        """Operator for a phase-id block (numpy, owned voxels) and phase materials."""
+        lam_p, mu_p = phase_lame(E, nu, soft)
+        ph = torch.as_tensor(np.asarray(phases).astype(np.int64), device=device)
+        lam = torch.as_tensor(lam_p, dtype=dtype, device=device)[ph]
+        mu = torch.as_tensor(mu_p, dtype=dtype, device=device)[ph]
+        return cls(lam, mu, h, domain=domain, **kw)
+
+    def _conv_weight(self, Kst: np.ndarray) -> torch.Tensor:
+        """(rows, 24) element matrix -> Conv3d weight (rows, 3, 2, 2, 2)."""
+        W = np.zeros((Kst.shape[0], 3, 2, 2, 2))
+        for a, (ax, ay, az) in enumerate(CORNERS):
+            W[:, :, ax, ay, az] = Kst[:, 3 * a:3 * a + 3]
+        return torch.as_tensor(W, dtype=self.dtype, device=self.device)
+
+    def to(self, dtype=None, device=None) -> "ElasticityOperator":
+        """A copy of this operator in another dtype/device (same domain)."""
+        dtype = dtype or self.dtype
+        device = device or self.device
+        return ElasticityOperator(self.lam.to(device=device, dtype=dtype),
+                                  self.mu.to(device=device, dtype=dtype),
+                                  self.h, self.domain, self.chunk)
+
+    # -- the operator ---------------------------------------------------------
+    def _slabs(self, B: int):
+        lx, ly, lz = self.domain.local_shape
+        per_x = max(1, self.chunk // max(1, ly * lz * B))
+        for x0 in range(0, lx, per_x):
+            yield x0, min(lx, x0 + per_x)
+
+    def element_forces(self, ug: torch.Tensor, x0: int, x1: int) -> torch.Tensor:
+        """k_e u_e for voxels [x0, x1) of the owned block: (B, 24, x1-x0, l_y, l_z).
+        ``ug`` is the ghosted field (hi = 1)."""
+        Fe = F.conv3d(ug[:, :, x0:x1 + 1], self.weight)
+        lam = self.lam[x0:x1]
+        mu = self.mu[x0:x1]
+        return Fe[:, :24] * lam + Fe[:, 24:] * mu
+
+    def scatter(self, fe: torch.Tensor, yg: torch.Tensor, x0: int):
+        """Add element vectors fe (B, 24, nx, ny, nz) to the ghosted nodal field yg."""
+        nx, ny, nz = fe.shape[-3:]
+        for a, (ax, ay, az) in enumerate(CORNERS):
+            yg[:, :, x0 + ax:x0 + ax + nx, ay:ay + ny, az:az + nz] += fe[:, 3 * a:3 * a + 3]
+
+    def apply(self, u: torch.Tensor) -> torch.Tensor:
+        """y = K u for u of shape (B, 3, l_x, l_y, l_z)."""
+        B = u.shape[0]
+        ug = self.domain.ghost(u, hi=1)
+        yg = torch.zeros_like(ug)
+        for x0, x1 in self._slabs(B):
+            self.scatter(self.element_forces(ug, x0, x1), yg, x0)
+        return self.domain.accumulate(yg, hi=1)
+
+    __call__ = apply
+
+    def assemble_voxel_vectors(self, ve: torch.Tensor) -> torch.Tensor:
+        """Assemble per-voxel element vectors (B, 24, l_x, l_y, l_z) into nodes."""
+        lx, ly, lz = self.domain.local_shape
+        yg = torch.zeros(ve.shape[0], 3, lx + 1, ly + 1, lz + 1, dtype=ve.dtype, device=ve.device)
+        self.scatter(ve, yg, 0)
+        return self.domain.accumulate(yg, hi=1)
+
+    def diagonal(self) -> torch.Tensor:
+        """diag(K) as a nodal field (1, 3, l_x, l_y, l_z)."""
+        if self._diag is None:
+            dl = torch.as_tensor(np.diag(self._K_lam_np).copy(), dtype=self.dtype, device=self.device)
+            dm = torch.as_tensor(np.diag(self._K_mu_np).copy(), dtype=self.dtype, device=self.device)
+            ve = dl[:, None, None, None] * self.lam + dm[:, None, None, None] * self.mu
+            self._diag = self.assemble_voxel_vectors(ve[None])
+        return self._diag
+
+    def rhs(self, absolute: bool = False) -> torch.Tensor:
+        """f^i = sum_e k_e chi0^i_e for the six unit strains: (6, 3, l_x, l_y, l_z).
+
+        ``absolute=True`` assembles |k_e chi0^i_e| instead: the scale against which
+        a cancelling f (a homogeneous cell has f = 0) is judged to be zero."""
+        U0 = affine_element_displacements(self.h)                      # (6, 24)
+        fl = torch.as_tensor(U0 @ self._K_lam_np, dtype=self.dtype, device=self.device)
+        fm = torch.as_tensor(U0 @ self._K_mu_np, dtype=self.dtype, device=self.device)
+        ve = fl[:, :, None, None, None] * self.lam + fm[:, :, None, None, None] * self.mu
+        if absolute:
+            ve = ve.abs()
+        return self.assemble_voxel_vectors(ve)
+
+    def mean_stiffness(self) -> torch.Tensor:
+        """Voigt average <C> over the global cell (6, 6), float64: sum_e chi0^T k_e chi0 / |Omega|."""
+        U0 = affine_element_displacements(self.h)
+        A = torch.as_tensor(U0 @ self._K_lam_np @ U0.T, dtype=torch.float64, device=self.device)
+        M = torch.as_tensor(U0 @ self._K_mu_np @ U0.T, dtype=torch.float64, device=self.device)
+        s = self.domain.sum(torch.stack([self.lam.sum(dtype=torch.float64), self.mu.sum(dtype=torch.float64)]))
+        return (s[0] * A + s[1] * M) / self.volume
+
+    # -- reductions (float64 whatever the storage precision) -------------------
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-load-case global dot products (B,), float64."""
+        return self.domain.sum(torch.sum(a * b, dim=(1, 2, 3, 4), dtype=torch.float64))
+
+    def gram(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """G_ij = <a_i, b_j> over the global grid, (B, B) float64."""
+        A = a.reshape(a.shape[0], -1).to(torch.float64)
+        Bm = b.reshape(b.shape[0], -1).to(torch.float64)
+        return self.domain.sum(A @ Bm.T)
+
+    def project_mean_free(self, x: torch.Tensor) -> torch.Tensor:
+        """Remove the global mean of each component of each load case (in place)."""
+        s = self.domain.sum(torch.sum(x, dim=(2, 3, 4), dtype=torch.float64))
+        x -= (s / self.domain.n_global).to(x.dtype)[:, :, None, None, None]
+        return x
+
+    def chom(self, chi: torch.Tensor) -> torch.Tensor:
+        """Energy-form C^H (6, 6) float64 from the fluctuations chi (6, 3, ...):
+
+            |Omega| C_ij = sum_e (chi0^i - chi^i)_e^T k_e (chi0^j - chi^j)_e
+                         = |Omega| <C>_ij - f^i.chi^j - f^j.chi^i + chi^i.K chi^j
+
+        evaluated in float64 whatever the storage precision.
+        """
+        op = self if self.dtype == torch.float64 else self.to(dtype=torch.float64)
+        chi = chi.to(torch.float64)
+        f = op.rhs()
+        Fc = op.gram(f, chi)
+        G = op.gram(chi, op.apply(chi))
+        C = op.mean_stiffness() + (G - Fc - Fc.T) / op.volume
+        return 0.5 * (C + C.T)
