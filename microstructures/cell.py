@@ -62,6 +62,8 @@ class Cell:
             raise CellError(f"phases is empty (shape {ph.shape})")
         if ph.dtype.kind not in "iu":
             raise CellError(f"phases must be integer phase ids, got dtype {ph.dtype}")
+        if int(ph.min()) < 0:
+            raise CellError(f"phase ids must be >= 0, found {int(ph.min())}")
         if self.E.shape != self.nu.shape or self.E.ndim != 1:
             raise CellError(f"materials/E and materials/nu must have the same length, got {self.E.shape} and {self.nu.shape}")
         if not (np.all(np.isfinite(self.E)) and np.all(np.isfinite(self.nu))):
@@ -81,6 +83,14 @@ class Cell:
         if not np.any(self.E[used] > 0):
             raise CellError("the cell is all void: no phase with E > 0 is present")
         return self
+
+    def summary(self) -> str:
+        """One line: shape, phases, solid volume fraction, generator."""
+        shape = " x ".join(str(s) for s in self.shape)
+        gen = f", {self.generator}" if self.generator else ""
+        name = f"{self.name}: " if self.name else ""
+        return (f"{name}{shape} voxels, {self.n_phases} phases, "
+                f"volume fraction {self.volume_fraction:.4f}{gen}")
 
     def attrs(self) -> dict[str, Any]:
         return {"size": np.asarray(self.size), "name": self.name, "generator": self.generator,

@@ -1,0 +1,25 @@
+# Two entry points (README): `make run` and `make test`. Both set up what is missing first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+N ?= 32
+
+.PHONY: setup run test test-fast bench clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+# The main job on the bundled default cell: a gyroid sheet (VF 0.2, 32^3).
+run: setup
+	@mkdir -p $(OUT)
+	$(PY) -m microstructures default -o $(OUT)/default_gyroid.h5
+	$(PY) -m hpc.homogenize $(OUT)/default_gyroid.h5 --precision float32 --preconditioner $(or $(PC),jacobi) -v
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/bench_jacobi.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

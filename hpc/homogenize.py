@@ -1,0 +1,229 @@
+"""python -m hpc.homogenize cell.h5: the effective stiffness C^H of a periodic cell.
+
+Runs serially, or distributed under mpirun / srun with the same flags (each rank
+reads and solves its own block; rank 0 prints and writes the result).
+
+Exit status: 0 converged; 2 bad input or arguments (one line on stderr, nothing
+written); 3 not converged within --maxiter (the result is written, marked
+converged = False); 1 any other failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_UNCONVERGED = 0, 1, 2, 3
+log = logging.getLogger("hpc.homogenize")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hpc.homogenize",
+        description="Effective (homogenized) elasticity tensor C^H of a periodic voxel cell.",
+        epilog="Input: HDF5 cell (/phases, /materials/E, /materials/nu; see README 'Files') or a "
+               ".npy phase array with --E/--nu. Output: <input stem>.result.h5 next to the input "
+               "unless -o. Exit status: 0 converged, 2 bad input, 3 not converged, 1 other failure.")
+    p.add_argument("cell", help="cell file (.h5 / .hdf5 or .npy)")
+    p.add_argument("-o", "--output", help="result file (default: <cell stem>.result.h5 beside the cell)")
+    p.add_argument("--rtol", type=float, default=1e-6, help="relative residual per load case (default 1e-6)")
+    p.add_argument("--ctol", type=float, default=None,
+                   help="also stop when the estimated relative C^H error is below this")
+    p.add_argument("--maxiter", type=int, default=20000, help="PCG iteration limit (default 20000)")
+    p.add_argument("--precision", choices=["float64", "float32"], default="float64",
+                   help="storage precision of the solve; reductions and C^H are float64")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--preconditioner", "--pc", default="jacobi", choices=["jacobi", "multigrid"],
+                   help="PCG preconditioner (default jacobi)")
+    p.add_argument("--soft", type=float, default=1e-6, help="void stiffness as a fraction of max E (default 1e-6)")
+    p.add_argument("--E", type=float, nargs="+", help="Young's moduli per phase (.npy input)")
+    p.add_argument("--nu", type=float, nargs="+", help="Poisson ratios per phase (.npy input)")
+    p.add_argument("--size", type=float, nargs=3, default=None, help="cell size (.npy input; default 1 1 1)")
+    p.add_argument("--fields", action="store_true",
+                   help="also write the displacement fields (+ .xdmf sidecar for ParaView)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress (also when not on a terminal)")
+    return p
+
+
+class InputError(Exception):
+    pass
+
+
+def default_output(cell_path: str) -> str:
+    stem = os.path.splitext(cell_path)[0]
+    return stem + ".result.h5"
+
+
+def _world():
+    """(rank, size) of the launcher, without importing MPI for serial runs."""
+    for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+        if int(os.environ.get(k, "1") or 1) > 1:
+            from mpi4py import MPI
+            return MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
+    return 0, 1
+
+
+def load(args, rank_size):
+    """(domain, local cell, full-cell info) for this process."""
+    from microstructures.cell import CellError
+    from microstructures.io import read_cell
+    if not os.path.exists(args.cell):
+        raise InputError(f"{args.cell}: no such file")
+    try:
+        if rank_size[1] > 1:
+            from hpc.parallel import setup_parallel
+            domain, cell = setup_parallel(args.cell, E=args.E, nu=args.nu)
+        else:
+            cell = read_cell(args.cell, E=args.E, nu=args.nu)
+            if args.size is not None:
+                cell.size = tuple(args.size)
+            cell.validate()
+            domain = None
+    except CellError as exc:
+        raise InputError(f"{args.cell}: {exc}") from None
+    return domain, cell
+
+
+class Progress:
+    """Live convergence line on a terminal; periodic log lines otherwise (-v)."""
+
+    def __init__(self, enabled: bool, tty: bool):
+        self.enabled, self.tty = enabled, tty
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, k, rel, est):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        e = float(est.max())
+        line = (f"it {k:6d}  max rel residual {float(rel.max()):.3e}  "
+                f"C^H err est {e:.2e}  {now - self.t0:7.1f} s" if math.isfinite(e) else
+                f"it {k:6d}  max rel residual {float(rel.max()):.3e}  {now - self.t0:7.1f} s")
+        if self.tty:
+            sys.stderr.write("\r" + line)
+            sys.stderr.flush()
+        else:
+            log.info(line)
+
+    def close(self):
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def format_report(res) -> str:
+    names = ["11", "22", "33", "23", "13", "12"]
+    lines = [f"C^H (Voigt {','.join(names)}, engineering shear), {res.shape[0]}x{res.shape[1]}x{res.shape[2]}, "
+             f"{res.precision}, {res.preconditioner}-PCG:"]
+    lines.append("        " + "".join(f"{n:>13s}" for n in names))
+    for i in range(6):
+        lines.append(f"  {names[i]:>4s}  " + "".join(f"{res.C[i, j]:13.6e}" for j in range(6)))
+    eng = res.engineering
+    lines.append("engineering constants:")
+    lines.append("  " + "  ".join(f"{k}={eng[k]:.6g}" for k in ("E1", "E2", "E3")))
+    lines.append("  " + "  ".join(f"{k}={eng[k]:.6g}" for k in ("G23", "G13", "G12")))
+    lines.append("  " + "  ".join(f"{k}={eng[k]:.6g}" for k in ("nu12", "nu13", "nu23")))
+    lines.append(f"  bulk modulus={eng['bulk_modulus']:.6g}  Zener ratio={eng['zener_ratio']:.6g}")
+    lines.append(f"iterations per load case: {res.iterations}; max rel residual "
+                 f"{max(res.residuals):.2e}; est. rel C^H error {res.error_estimate:.1e}; "
+                 f"{'converged' if res.converged else 'NOT CONVERGED'}")
+    lines.append(f"time: setup {res.times['setup']:.2f} s, solve {res.times['solve']:.2f} s, "
+                 f"total {res.times['total']:.2f} s")
+    return "\n".join(lines)
+
+
+def result_json(res, out_path) -> dict:
+    return {"C": np.asarray(res.C).tolist(), "engineering": res.engineering,
+            "iterations": res.iterations, "residuals": res.residuals, "converged": res.converged,
+            "chom_error_estimate": res.error_estimate, "precision": res.precision,
+            "preconditioner": res.preconditioner, "times": res.times, "shape": list(res.shape),
+            "ranks": res.domain.get("ranks", 1), "output": out_path}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rank, size = _world()
+    logging.basicConfig(level=logging.INFO if (args.verbose and rank == 0) else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    out_path = args.output or default_output(args.cell)
+    try:
+        for name in ("rtol", "ctol", "soft"):
+            v = getattr(args, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise InputError(f"--{name} must be a positive number, got {v}")
+        if args.maxiter < 1:
+            raise InputError(f"--maxiter must be >= 1, got {args.maxiter}")
+        if os.path.abspath(out_path) == os.path.abspath(args.cell):
+            raise InputError("the output file would overwrite the input")
+        import torch
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError(f"--device {args.device}: CUDA is not available on this machine")
+        domain, cell = load(args, (rank, size))
+    except InputError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+
+    from solver.homogenize import homogenize
+    if rank == 0 and domain is None:
+        try:
+            from microstructures.io import percolates
+            perc = percolates(cell)
+            bad = [ax for ax, ok in zip("xyz", perc) if not ok]
+            if bad:
+                print(f"warning: the solid does not percolate along {', '.join(bad)}: "
+                      f"C^H will be near the soft-void stiffness there", file=sys.stderr)
+        except ImportError:
+            pass
+    progress = Progress(enabled=(rank == 0 and not args.quiet and (sys.stderr.isatty() or args.verbose)),
+                        tty=sys.stderr.isatty())
+    res = homogenize(cell, rtol=args.rtol, ctol=args.ctol, maxiter=args.maxiter,
+                     precision=args.precision, device=args.device,
+                     preconditioner=args.preconditioner, soft=args.soft, domain=domain,
+                     callback=progress, keep_fields=args.fields)
+    progress.close()
+    disp = None
+    if args.fields:
+        chi = res.chi
+        if domain is not None:
+            from hpc.parallel import gather_field
+            chi = gather_field(domain, chi)
+        if rank == 0:
+            from hpc.results import total_displacement
+            disp = total_displacement(chi.cpu().numpy(), cell.size)
+    if rank == 0:
+        from hpc.results import sha256_of, write_result
+        phases = None
+        if args.fields and domain is None:
+            phases = cell.phases
+        write_result(out_path, res, input_path=args.cell, input_sha=sha256_of(args.cell),
+                     displacement=disp, phases=phases, size=cell.size)
+        if args.json:
+            print(json.dumps(result_json(res, out_path)))
+        else:
+            print(format_report(res))
+            print(f"result written to {out_path}")
+        if not res.converged:
+            print(f"error: not converged within --maxiter {args.maxiter} "
+                  f"(max rel residual {max(res.residuals):.2e})", file=sys.stderr)
+    return EXIT_OK if res.converged else EXIT_UNCONVERGED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Set-up and tear-down around a distributed solve: block reading, field gathering and
+collective error handling. The numerics themselves only see the Domain.
+
+* ``setup_parallel(path_or_cell, comm)`` -> (domain, local cell): on one rank the
+  ``SerialDomain`` and the whole cell; on more, an ``MPIDomain`` and a Cell whose
+  ``phases`` is only the rank's block, read as a hyperslab (each rank opens the file
+  read-only and reads its own block; no rank ever holds the whole grid). Validation
+  is collective: every rank raises the same ``CellError`` or none does, so no rank is
+  left waiting in a collective.
+* ``gather_field(domain, x)`` -> the global field on rank 0 (None elsewhere).
+* ``run_collectively(fn, ...)``: an exception on any rank prints ``rank R: message``
+  and aborts the whole job (MPI_Abort), so no rank hangs in a collective.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import numpy as np
+import torch
+
+from microstructures.cell import Cell, CellError
+from solver.domain import SerialDomain
+
+log = logging.getLogger(__name__)
+
+_GATHER_TAG = 1 << 14
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ImportError("mpi4py is not installed: install openmpi-bin python3-mpi4py "
+                          "(or pip install mpi4py) to run distributed") from None
+    return MPI
+
+
+def _default_comm(comm):
+    if comm is not None:
+        return comm
+    return _mpi().COMM_WORLD
+
+
+# -- reading --------------------------------------------------------------------------
+def _is_hdf5(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in (".h5", ".hdf5", ".he5")
+
+
+def _read_meta(path, E=None, nu=None, size=None):
+    """(global shape, phases dtype, E, nu, size) of a cell file without reading phases."""
+    if _is_hdf5(path):
+        import h5py
+        with h5py.File(path, "r") as f:
+            if "phases" not in f:
+                raise CellError("no /phases dataset in the file")
+            ds = f["phases"]
+            shape, dtype = tuple(ds.shape), ds.dtype
+            if E is None:
+                if "materials/E" not in f:
+                    raise CellError("no /materials/E in the file (or give E)")
+                E = f["materials/E"][()]
+            if nu is None:
+                if "materials/nu" not in f:
+                    raise CellError("no /materials/nu in the file (or give nu)")
+                nu = f["materials/nu"][()]
+            if size is None:
+                size = f.attrs.get("size", (1.0, 1.0, 1.0))
+    elif path.lower().endswith(".npy"):
+        arr = np.load(path, mmap_mode="r")
+        shape, dtype = tuple(arr.shape), arr.dtype
+        if E is None or nu is None:
+            raise CellError(".npy phases need the materials: give E and nu")
+    else:
+        raise CellError(f"unknown cell file type {os.path.splitext(path)[1]!r} (.h5 or .npy)")
+    if len(shape) != 3 or min(shape) < 1:
+        raise CellError(f"phases must be a non-empty 3-D array, got shape {shape}")
+    if size is None:
+        size = (1.0, 1.0, 1.0)
+    return shape, dtype, E, nu, size
+
+
+def read_block(path: str, start, stop) -> np.ndarray:
+    """phases[start:stop] (3-D hyperslab) of a cell file: only that block is read."""
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    if _is_hdf5(path):
+        try:
+            from microstructures.io import read_phases_block
+        except ImportError:
+            read_phases_block = None
+        if read_phases_block is not None:
+            return np.asarray(read_phases_block(path, tuple(start), tuple(stop)))
+        import h5py
+        with h5py.File(path, "r") as f:
+            return f["phases"][sl]
+    return np.array(np.load(path, mmap_mode="r")[sl])
+
+
+def _collective(comm, fn, *args, **kwargs):
+    """Run fn on every rank; if it raised anywhere, raise on every rank (CellError with
+    the first failing rank's message if that was a CellError, else RuntimeError)."""
+    try:
+        out, err = fn(*args, **kwargs), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+        out, err = None, (isinstance(exc, CellError), f"{type(exc).__name__}: {exc}", str(exc))
+    errs = comm.allgather(err)
+    for r, e in enumerate(errs):
+        if e is not None:
+            is_cell, full, msg = e
+            if is_cell:
+                raise CellError(msg)
+            raise RuntimeError(f"rank {r}: {full}")
+    return out
+
+
+def _validate_global(comm, local: np.ndarray, E, nu, size, dtype):
+    """Cell.validate on the globally used phase ids (same answer on every rank)."""
+    if np.dtype(dtype).kind not in "iu":
+        raise CellError(f"phases must be integer phase ids, got dtype {dtype}")
+    MPI = _mpi()
+    # no rank may raise before the last collective: decide on global values only
+    ext = np.array([int(local.max()), -int(local.min())] if local.size else [-1, 0], dtype=np.int64)
+    gext = np.empty_like(ext)
+    comm.Allreduce(ext, gext, op=MPI.MAX)
+    if gext[1] > 0:
+        raise CellError(f"phase ids must be >= 0, found {-int(gext[1])}")
+    present = np.zeros(int(gext[0]) + 1, dtype=np.int32)
+    if local.size:
+        present[np.unique(local)] = 1
+    allp = np.empty_like(present)
+    comm.Allreduce(present, allp, op=MPI.MAX)
+    used = np.flatnonzero(allp).astype(dtype)
+    Cell(phases=used.reshape(-1, 1, 1), E=E, nu=nu, size=size).validate()
+
+
+def setup_parallel(path_or_cell, comm=None, dims=None, align=1, E=None, nu=None, size=None):
+    """(domain, local cell) for this process.
+
+    ``path_or_cell``: an HDF5 cell file (DESIGN.md s.4), a ``.npy`` phase array (give
+    ``E`` and ``nu``), or an in-memory Cell (every rank holds it; each keeps its
+    block). ``comm`` defaults to MPI.COMM_WORLD. With one rank: (SerialDomain, whole
+    validated cell). With more: (MPIDomain(global shape, comm, dims, align), Cell
+    whose ``phases`` is the rank's block ``domain.local_slice`` and whose E, nu and
+    size are the global ones). ``E``, ``nu``, ``size`` override the file's values.
+    Raises CellError on every rank alike for an invalid cell.
+    """
+    if comm is None:
+        try:
+            comm = _default_comm(None)
+        except ImportError:
+            comm = None
+    nranks = 1 if comm is None else comm.Get_size()
+    if isinstance(path_or_cell, Cell):
+        full = path_or_cell
+        E = full.E if E is None else E
+        nu = full.nu if nu is None else nu
+        size = full.size if size is None else size
+        shape, dtype = tuple(full.phases.shape), full.phases.dtype
+        if nranks == 1:
+            cell = Cell(phases=full.phases, E=E, nu=nu, size=size, name=full.name,
+                        generator=full.generator, params=dict(full.params)).validate()
+            return SerialDomain(cell.shape), cell
+        meta = (shape, dtype, E, nu, size)
+        if len(shape) != 3 or min(shape) < 1:
+            raise CellError(f"phases must be a non-empty 3-D array, got shape {shape}")
+        reader = lambda lo, hi: np.array(full.phases[tuple(slice(a, b) for a, b in zip(lo, hi))])  # noqa: E731
+        name, generator, params = full.name, full.generator, dict(full.params)
+    else:
+        path = os.fspath(path_or_cell)
+        if nranks == 1:
+            shape, dtype, E, nu, size = _read_meta(path, E, nu, size)
+            phases = read_block(path, (0, 0, 0), shape)
+            cell = Cell(phases=phases, E=E, nu=nu, size=size, name=os.path.basename(path)).validate()
+            return SerialDomain(cell.shape), cell
+        meta = _collective(comm, _read_meta, path, E, nu, size)
+        reader = lambda lo, hi: read_block(path, lo, hi)  # noqa: E731
+        name, generator, params = os.path.basename(path), "", {}
+    shape, dtype, E, nu, size = meta
+    from .domain import MPIDomain
+    domain = _collective(comm, MPIDomain, shape, comm, dims=dims, align=align)
+    stop = tuple(s + n for s, n in zip(domain.local_start, domain.local_shape))
+    phases = _collective(comm, reader, domain.local_start, stop)
+    _collective(comm, _validate_global, domain.comm, phases, E, nu, size, dtype)
+    cell = Cell(phases=phases, E=E, nu=nu, size=size, name=name, generator=generator, params=params)
+    log.info("%r", domain)
+    return domain, cell
+
+
+# -- writing ----------------------------------------------------------------------------
+def gather_field(domain, x_local: torch.Tensor, root: int = 0):
+    """The global field (..., n_x, n_y, n_z) on rank ``root`` (a CPU tensor of
+    x_local's dtype), None on the other ranks. Serial domains return x_local."""
+    if getattr(domain, "size", 1) == 1:
+        return x_local
+    comm = domain.comm
+    lead = tuple(x_local.shape[:-3])
+    xl = x_local.detach().to("cpu").contiguous().numpy().reshape((-1,) + tuple(x_local.shape[-3:]))
+    if domain.rank != root:
+        for i in range(xl.shape[0]):   # one message per leading index: counts stay < 2**31
+            comm.Send(np.ascontiguousarray(xl[i]), dest=root, tag=_GATHER_TAG)
+        return None
+    full = np.empty((xl.shape[0],) + tuple(domain.global_shape), dtype=xl.dtype)
+    for r in range(domain.size):
+        start, shp = domain.block(r)
+        sl = tuple(slice(s, s + n) for s, n in zip(start, shp))
+        if r == root:
+            full[(slice(None),) + sl] = xl
+            continue
+        buf = np.empty(shp, dtype=xl.dtype)
+        for i in range(xl.shape[0]):
+            comm.Recv(buf, source=r, tag=_GATHER_TAG)
+            full[(i,) + sl] = buf
+    return torch.from_numpy(full.reshape(lead + tuple(domain.global_shape)))
+
+
+# -- errors -----------------------------------------------------------------------------
+def run_collectively(fn, *args, comm=None, **kwargs):
+    """fn(*args, **kwargs), ending every rank if it raises on any one.
+
+    On more than one rank an exception (not SystemExit: a collective exit status is
+    the caller's to give) prints ``rank R: Type: message`` on stderr and calls
+    comm.Abort(1): Open MPI then kills all ranks (including those waiting in a
+    collective) and mpirun exits non-zero. On one rank the exception propagates."""
+    try:
+        comm = _default_comm(comm)
+    except ImportError:
+        comm = None
+    try:
+        return fn(*args, **kwargs)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure must end the job
+        if comm is None or comm.Get_size() == 1:
+            raise
+        rank = comm.Get_rank()
+        log.debug("rank %d traceback:\n%s", rank, traceback.format_exc())
+        sys.stderr.write(f"rank {rank}: {type(exc).__name__}: {exc}\n")
+        sys.stderr.flush()
+        comm.Abort(1)

@@ -1,0 +1,174 @@
+"""Result files (DESIGN.md section 4): HDF5, written atomically.
+
+    /C              float64 (6, 6) Voigt 11,22,33,23,13,12, engineering shear
+    /engineering/*  float64 scalars: E1 E2 E3 G23 G13 G12 nu12 nu13 nu23 nu21 nu31
+                    nu32 bulk_modulus zener_ratio
+    /displacement   optional float32 (6, 3, n_x, n_y, n_z): total displacement
+                    u^i = eps^i . x - chi^i at the nodes x = (i h_x, j h_y, k h_z)
+                    of the six unit strains (+ an .xdmf sidecar for ParaView)
+    attrs           convention, solver, preconditioner, precision, rtol, ctol,
+                    iterations, residuals (per load case), converged,
+                    chom_error_estimate, time_setup/solve/total, ranks, dims,
+                    device, version, input, input_sha256, shape, soft
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import h5py
+import numpy as np
+
+from solver.materials import unit_strain_tensor
+
+VERSION = "0.1.0"
+CONVENTION = "Voigt 11,22,33,23,13,12; engineering shear strains; C^H = energy form"
+
+
+def sha256_of(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def result_attrs(res, input_path=None, input_sha=None) -> dict:
+    a = {
+        "convention": CONVENTION,
+        "solver": res.solver,
+        "preconditioner": res.preconditioner,
+        "precision": res.precision,
+        "rtol": res.rtol,
+        "ctol": res.ctol if res.ctol is not None else float("nan"),
+        "iterations": np.asarray(res.iterations, dtype=np.int64),
+        "residuals": np.asarray(res.residuals, dtype=np.float64),
+        "converged": bool(res.converged),
+        "chom_error_estimate": float(res.error_estimate),
+        "chom_error_estimate_cases": np.asarray(res.error_estimate_cases, dtype=np.float64),
+        "time_setup": res.times.get("setup", float("nan")),
+        "time_solve": res.times.get("solve", float("nan")),
+        "time_total": res.times.get("total", float("nan")),
+        "ranks": int(res.domain.get("ranks", 1)),
+        "dims": np.asarray(res.domain.get("dims", [1, 1, 1]), dtype=np.int64),
+        "devices": res.device,
+        "shape": np.asarray(res.shape, dtype=np.int64),
+        "soft": res.soft,
+        "version": VERSION,
+    }
+    if input_path is not None:
+        a["input"] = os.path.abspath(str(input_path))
+    if input_sha is not None:
+        a["input_sha256"] = input_sha
+    for k, v in res.extra.items():
+        if isinstance(v, (int, float, str, bool)):
+            a[k] = v
+    return a
+
+
+def total_displacement(chi: np.ndarray, size) -> np.ndarray:
+    """u^i = eps^i . x - chi^i at the nodes, float32 (6, 3, n_x, n_y, n_z)."""
+    shape = chi.shape[2:]
+    h = [s / n for s, n in zip(size, shape)]
+    X = np.meshgrid(*[np.arange(n) * hh for n, hh in zip(shape, h)], indexing="ij")
+    u = np.empty(chi.shape, dtype=np.float32)
+    for i in range(6):
+        eps = unit_strain_tensor(i)
+        for c in range(3):
+            u[i, c] = sum(eps[c, d] * X[d] for d in range(3)) - chi[i, c]
+    return u
+
+
+def _atomic_path(path):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    os.close(fd)
+    return tmp
+
+
+def write_result(path, res, input_path=None, input_sha=None, displacement=None, phases=None,
+                 size=(1.0, 1.0, 1.0)) -> None:
+    """Write the result HDF5 (and the .xdmf sidecar when fields are given) atomically."""
+    tmp = _atomic_path(path)
+    try:
+        with h5py.File(tmp, "w") as fh:
+            fh.create_dataset("C", data=np.asarray(res.C, dtype=np.float64))
+            g = fh.create_group("engineering")
+            for k, v in res.engineering.items():
+                g.create_dataset(k, data=np.float64(v))
+            if displacement is not None:
+                fh.create_dataset("displacement", data=displacement.astype(np.float32),
+                                  chunks=True, compression=None)
+                if phases is not None:
+                    fh.create_dataset("phases", data=np.asarray(phases).astype(np.uint16))
+            for k, v in result_attrs(res, input_path, input_sha).items():
+                fh.attrs[k] = v
+            fh.attrs["history"] = json.dumps(res.extra.get("history", [])[-2000:])
+        if displacement is not None:
+            write_xdmf(os.path.splitext(path)[0] + ".xdmf", os.path.basename(path),
+                       displacement.shape[2:], size, phases is not None)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_xdmf(xdmf_path, h5_name, shape, size, with_phases=True):
+    """XDMF sidecar: node-centred displacement of each load case on a
+    3DCoRectMesh of n_x x n_y x n_z points (the periodic nodes).
+
+    XDMF lists dimensions slowest-first, so ParaView's X axis is our z axis (array
+    index order [x, y, z]); vectors are joined as (u_z, u_y, u_x) to stay
+    consistent with that relabelling."""
+    nx, ny, nz = shape
+    h = [s / n for s, n in zip(size, shape)]
+    dims = f"{nx} {ny} {nz}"
+    names = ["11", "22", "33", "23", "13", "12"]
+
+    def slab(i, c):
+        return (f'<DataItem ItemType="HyperSlab" Dimensions="{dims}" Type="HyperSlab">'
+                f'<DataItem Dimensions="3 5" Format="XML">{i} {c} 0 0 0  1 1 1 1 1  1 1 {dims}</DataItem>'
+                f'<DataItem Dimensions="6 3 {dims}" NumberType="Float" Precision="4" Format="HDF">'
+                f'{h5_name}:/displacement</DataItem></DataItem>')
+
+    attrs = []
+    for i in range(6):
+        join = "".join(slab(i, c) for c in (2, 1, 0))
+        attrs.append(f'<Attribute Name="u_{names[i]}" AttributeType="Vector" Center="Node">'
+                     f'<DataItem ItemType="Function" Function="JOIN($0, $1, $2)" Dimensions="{dims} 3">'
+                     f'{join}</DataItem></Attribute>')
+    if with_phases:
+        attrs.append(f'<Attribute Name="phase" AttributeType="Scalar" Center="Node">'
+                     f'<DataItem Dimensions="{dims}" NumberType="UInt" Precision="2" Format="HDF">'
+                     f'{h5_name}:/phases</DataItem></Attribute>')
+    text = f"""<?xml version="1.0" ?>
+<Xdmf Version="3.0">
+ <Domain>
+  <Grid Name="cell" GridType="Uniform">
+   <Topology TopologyType="3DCoRectMesh" Dimensions="{dims}"/>
+   <Geometry GeometryType="ORIGIN_DXDYDZ">
+    <DataItem Dimensions="3" Format="XML">0 0 0</DataItem>
+    <DataItem Dimensions="3" Format="XML">{h[0]} {h[1]} {h[2]}</DataItem>
+   </Geometry>
+   {"".join(attrs)}
+  </Grid>
+ </Domain>
+</Xdmf>
+"""
+    tmp = _atomic_path(xdmf_path)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, xdmf_path)
+
+
+def read_result(path) -> dict:
+    """Read a result file back: {'C', 'engineering', 'attrs', 'displacement'?}."""
+    with h5py.File(path, "r") as fh:
+        out = {"C": fh["C"][()], "engineering": {k: float(v[()]) for k, v in fh["engineering"].items()},
+               "attrs": {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fh.attrs.items()}}
+        if "displacement" in fh:
+            out["displacement"] = fh["displacement"][()]
+    return out

@@ -1,0 +1,249 @@
+"""CGINS: the PCG-informed neural solver (issue 5; DESIGN.md s.3, s.6).
+
+    inputs on the active voxels          C^b(E, nu) per voxel + Fourier features of x
+    encoder                              2 x SparseConv3d(3) + activation
+    U-Net                                depth D = len(channels) - 1; SparseDown /
+                                         SparseUp (kernel 2, stride 2), skip connections;
+                                         optional input pyramid (the inputs average-pooled
+                                         onto each coarse active set, concatenated)
+    decoder                              2 x SparseConv3d(3) -> 18 = 6 load cases x 3
+    multilevel prediction (L levels)     heads on the U-Net up path at levels l = 1..L-1
+                                         give coarse nodal fields u^l on the n / 2^l grid;
+                                         u~^{L-1} = u^{L-1}, u~^l = P u~^{l+1} + u^l
+                                         (P trilinear, model/transfer.py)
+    global displacement constraint       u~ <- u~ - mean(u~) per case and component
+                                         (or, for the WO-GD ablation, u~ <- u~ - u~(anchor))
+    embedded PCG                         t Jacobi-PCG steps on the true K (model/embedded_pcg.py)
+
+Node (i, j, k) of the output is the (-,-,-) corner of voxel (i, j, k); the network
+predicts on active voxels (solid + one layer of soft padding), inactive nodes are zero
+before the constraint. The output is the periodic fluctuation chi scaled by the cell
+length (the network predicts a dimensionless field).
+
+Every component is switchable (CGINSConfig) for the ablations: use_pcg / t (WO-CS),
+mean_constraint (WO-GD: anchor node), soft_voxels (WO-SV), periodic (WO-PM: zero
+padding maps instead of periodic), levels 1/2/3, position_features.
+
+Shift equivariance: with position features off the network commutes with periodic
+shifts by multiples of 2^D (D the U-Net depth, >= levels - 1).
+
+The network runs on one process per cell batch (a SerialDomain per operator); DDP
+parallelises over cells, not over the grid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .embedded_pcg import embedded_pcg, mean_free
+from .inputs import (fourier_features, fourier_matrix, material_features, modulus_scale,
+                     n_material_features, periodic_dilation, solid_mask)
+from .sparse_conv import (SparseConv3d, SparseDown, SparseGrid, SparseTensor, SparseUp,
+                          sparse_avg_pool)
+from .transfer import prolongate
+
+log = logging.getLogger(__name__)
+
+N_OUT = 18  # 6 load cases x 3 displacement components
+
+
+@dataclasses.dataclass
+class CGINSConfig:
+    """Architecture and ablation switches (YAML: configs/cgins_*.yaml, key ``model``)."""
+
+    channels: Tuple[int, ...] = (16, 32, 64)   # per U-Net level; depth D = len - 1
+    levels: int = 2                            # multilevel prediction, 1 <= levels <= D + 1
+    material_features: str = "lame"            # "lame" (2) or "mandel21" (21)
+    position_features: bool = True
+    fourier_mode: str = "axis"                 # "axis" or "random"
+    fourier_freqs: int = 2
+    fourier_scale: float = 2.0                 # sigma of the random integer frequencies
+    fourier_seed: int = 0
+    soft_voxels: bool = True                   # one layer of soft padding (WO-SV: off)
+    periodic: bool = True                      # periodic neighbour maps (WO-PM: zero padding)
+    mean_constraint: bool = True               # mean-free output (WO-GD: anchor node)
+    use_pcg: bool = True                       # embedded PCG (WO-CS: off)
+    t: int = 4                                 # PCG steps (paper: 4 TPMS, 8 shell, 10 truss)
+    input_pyramid: bool = True
+    activation: str = "gelu"                   # "gelu", "relu", "silu", "tanh"
+    solid_threshold: float = 1e-3              # solid = mu > threshold * max(mu)
+
+    def __post_init__(self):
+        self.channels = tuple(int(c) for c in self.channels)
+        D = len(self.channels) - 1
+        if not 1 <= self.levels <= D + 1:
+            raise ValueError(f"levels must be in 1..{D + 1} for channels {self.channels}, got {self.levels}")
+        n_material_features(self.material_features)
+
+    @property
+    def depth(self) -> int:
+        return len(self.channels) - 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CGINSConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown CGINS config keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+
+@dataclasses.dataclass
+class CGINSOutput:
+    u: torch.Tensor               # (B, 6, 3, n_x, n_y, n_z) after the embedded PCG
+    u_net: torch.Tensor           # the constrained network prediction (PCG start)
+    levels: List[torch.Tensor]    # P^l u~^l for l = 1..L-1 on the fine grid (constrained)
+    grid: SparseGrid              # the active set
+
+
+_ACT = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class CGINS(nn.Module):
+    def __init__(self, cfg: Optional[CGINSConfig] = None):
+        super().__init__()
+        cfg = cfg or CGINSConfig()
+        self.cfg = cfg
+        c, D, p = cfg.channels, cfg.depth, cfg.periodic
+        if cfg.position_features:
+            self.register_buffer("fourier_B", fourier_matrix(cfg.fourier_mode, cfg.fourier_freqs,
+                                                             cfg.fourier_scale, cfg.fourier_seed))
+            n_pos = 2 * self.fourier_B.shape[0]
+        else:
+            self.fourier_B = None
+            n_pos = 0
+        self.in_channels = n_material_features(cfg.material_features) + n_pos
+        self.act = _ACT[cfg.activation]()
+        self.enc = nn.ModuleList([SparseConv3d(self.in_channels, c[0], periodic=p),
+                                  SparseConv3d(c[0], c[0], periodic=p)])
+        extra = self.in_channels if cfg.input_pyramid else 0
+        self.down = nn.ModuleList([SparseDown(c[d - 1], c[d]) for d in range(1, D + 1)])
+        self.down_block = nn.ModuleList([SparseConv3d(c[d] + extra, c[d], periodic=p) for d in range(1, D + 1)])
+        self.up = nn.ModuleList([SparseUp(c[d], c[d - 1]) for d in range(1, D + 1)])
+        self.fuse = nn.ModuleList([SparseConv3d(2 * c[d - 1], c[d - 1], periodic=p) for d in range(1, D + 1)])
+        self.dec = nn.ModuleList([SparseConv3d(c[0], c[0], periodic=p),
+                                  SparseConv3d(c[0], N_OUT, periodic=p)])
+        self.heads = nn.ModuleList([SparseConv3d(c[l], N_OUT, kernel=1) for l in range(1, cfg.levels)])
+
+    def extra_repr(self) -> str:
+        n = sum(q.numel() for q in self.parameters())
+        return f"{self.cfg} | {n} weights"
+
+    # -- pieces ------------------------------------------------------------------
+    def active_set(self, mu: torch.Tensor, solid: Optional[torch.Tensor] = None) -> SparseGrid:
+        """Solid voxels (plus one layer of soft padding if cfg.soft_voxels)."""
+        if solid is None:
+            solid = solid_mask(mu, self.cfg.solid_threshold)
+        act = periodic_dilation(solid) if self.cfg.soft_voxels else solid
+        return SparseGrid.from_mask(act)
+
+    def features(self, grid: SparseGrid, lam: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """Input features (N, C_in) on the active voxels."""
+        idx = grid.linear_index()
+        scale = modulus_scale(lam, mu)[grid.batch]
+        x = material_features(lam.reshape(-1)[idx], mu.reshape(-1)[idx], scale, self.cfg.material_features)
+        if self.fourier_B is not None:
+            x = torch.cat([x, fourier_features(self.fourier_B, grid.coords, grid.shape).to(x.dtype)], dim=1)
+        return x
+
+    def trunk(self, x: SparseTensor) -> List[SparseTensor]:
+        """Encoder - U-Net - decoder; returns the 18-channel predictions per level
+        [fine, level 1, ..., level L-1] (sparse, on each level's active set)."""
+        cfg = self.cfg
+        h = x
+        for conv in self.enc:
+            h = h.replace(self.act(conv(h).features))
+        skips, inp = [h], x
+        for d in range(cfg.depth):
+            h = self.down[d](h)
+            h = h.replace(self.act(h.features))
+            if cfg.input_pyramid:
+                inp = sparse_avg_pool(inp)
+                h = h.cat(inp)
+            h = h.replace(self.act(self.down_block[d](h).features))
+            skips.append(h)
+        preds = [None] * cfg.levels
+        for d in range(cfg.depth, 0, -1):
+            if d < cfg.levels:
+                preds[d] = self.heads[d - 1](h)
+            fine = skips[d - 1]
+            h = self.up[d - 1](h, fine.grid)
+            h = h.replace(self.act(h.features)).cat(fine)
+            h = h.replace(self.act(self.fuse[d - 1](h).features))
+        h = h.replace(self.act(self.dec[0](h).features))
+        preds[0] = self.dec[1](h)
+        return preds
+
+    def constrain(self, op, u: torch.Tensor, anchor: int) -> torch.Tensor:
+        """Global displacement constraint on (6, 3, ...) of one cell."""
+        if self.cfg.mean_constraint:
+            return mean_free(op, u)
+        return u - u.reshape(*u.shape[:2], -1)[:, :, anchor][..., None, None, None]
+
+    # -- forward -------------------------------------------------------------------
+    def forward(self, ops: Sequence, solid: Optional[torch.Tensor] = None) -> CGINSOutput:
+        """Predict the six fluctuation fields of a batch of cells.
+
+        ``ops``: ElasticityOperator per cell (same grid shape, SerialDomain); the
+        network reads their (lambda, mu) and h, the PCG applies them.
+        ``solid``: optional (B, n_x, n_y, n_z) bool mask (default from mu)."""
+        cfg = self.cfg
+        shape = tuple(ops[0].domain.global_shape)
+        if any(tuple(op.domain.global_shape) != shape for op in ops):
+            raise ValueError("all cells of a batch must have the same grid shape")
+        if any(getattr(op.domain, "size", 1) != 1 for op in ops):
+            raise ValueError("CGINS runs on whole cells (SerialDomain operators)")
+        if any(s % (1 << cfg.depth) for s in shape):
+            raise ValueError(f"grid {shape} must be divisible by 2^depth = {1 << cfg.depth}")
+        wdt = self.enc[0].weight.dtype
+        lam = torch.stack([op.lam for op in ops]).to(wdt)
+        mu = torch.stack([op.mu for op in ops]).to(wdt)
+        grid = self.active_set(mu, solid)
+        x = SparseTensor(self.features(grid, lam, mu), grid)
+        preds = self.trunk(x)
+        # dense nodal fields per level, coarsest first, cumulative: u~^l = P u~^{l+1} + u^l
+        coarse_grids = [grid]
+        for _ in range(cfg.levels - 1):
+            coarse_grids.append(coarse_grids[-1].coarsen()[0])
+        B = len(ops)
+        cum = None
+        level_fields = [None] * cfg.levels
+        for l in range(cfg.levels - 1, -1, -1):
+            g = coarse_grids[l]
+            dense = g.to_dense(preds[l].features).reshape(B, 6, 3, *g.shape)
+            cum = dense if cum is None else prolongate(cum) + dense
+            level_fields[l] = cum
+        anchors = [int(k) for k in _first_active(grid, B)]
+        L_cell = torch.tensor([max(h * n for h, n in zip(op.h, shape)) for op in ops])
+        u_out, u_net, lev = [], [], [[] for _ in range(cfg.levels - 1)]
+        for b, op in enumerate(ops):
+            s = float(L_cell[b])
+            u0 = self.constrain(op, (s * level_fields[0][b]).to(op.dtype), anchors[b])
+            for l in range(1, cfg.levels):
+                lev[l - 1].append(self.constrain(op, (s * prolongate(level_fields[l][b], l)).to(op.dtype),
+                                                 anchors[b]))
+            u_net.append(u0)
+            if cfg.use_pcg and cfg.t > 0:
+                u_out.append(embedded_pcg(op, op.rhs(), u0, cfg.t, project=cfg.mean_constraint))
+            else:
+                u_out.append(u0)
+        return CGINSOutput(u=torch.stack(u_out), u_net=torch.stack(u_net),
+                           levels=[torch.stack(v) for v in lev], grid=grid)
+
+
+def _first_active(grid: SparseGrid, B: int) -> List[int]:
+    """Flat node index (within its cell) of the first active voxel of each cell: the
+    anchor node of the WO-GD ablation."""
+    nvox = grid.shape[0] * grid.shape[1] * grid.shape[2]
+    big = torch.full((B,), torch.iinfo(torch.long).max, dtype=torch.long, device=grid.device)
+    first = big.scatter_reduce(0, grid.batch, grid.keys, reduce="amin")
+    return (first - torch.arange(B, device=grid.device) * nvox).tolist()

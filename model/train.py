@@ -1,0 +1,205 @@
+"""CGINS training loop (single process; DDP-ready): label-free, minimum potential energy.
+
+    for step in range(max_steps):
+        cells = batch(step)                  # a seeded permutation per epoch
+        out = model(ops(cells)); loss = cgins_loss(...)   (model/loss.py)
+        loss.backward(); clip; optimizer.step()
+        every k steps: atomic checkpoint (torch.save to a temp file, os.replace)
+
+Reproducibility: the batch order is a function of (seed, epoch) only, the model is
+initialised from ``seed``, and a checkpoint holds the model, the optimizer and the
+step, so stopping at any checkpoint and resuming gives the same weights as an
+uninterrupted run (CPU: bitwise). Checkpoints hold only tensors and plain Python
+values and are read with ``torch.load(..., weights_only=True)``.
+
+Distributed data parallel: the caller (hpc.train) wraps the model in DDP and passes
+``rank`` / ``world``; each rank takes the cells ``rank::world`` of the global batch
+(global batch = batch_size, divisible by world), DDP averages the gradients, and
+only rank 0 writes checkpoints and the log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from solver.operator import ElasticityOperator
+
+from .loss import LossConfig, cgins_loss
+from .network import CGINS, CGINSConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lr_min_factor: float = 0.05          # cosine decay to lr * lr_min_factor
+    checkpoint: str = "checkpoints/cgins.pt"
+    checkpoint_every: int = 50
+    log_file: str = ""                   # CSV; default: checkpoint path with .csv
+    model_dtype: str = "float32"         # network weights
+    solver_dtype: str = "float64"        # operator / PCG / loss storage
+    soft: float = 1e-6
+    device: str = "cpu"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown train config keys {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
+def cell_operator(cell, dtype=torch.float64, device="cpu", soft: float = 1e-6) -> ElasticityOperator:
+    """The stiffness operator of a Cell (phases, E, nu, size) on a SerialDomain."""
+    shape = np.asarray(cell.phases).shape
+    h = tuple(float(s) / n for s, n in zip(cell.size, shape))
+    return ElasticityOperator.from_phases(cell.phases, cell.E, cell.nu, h, soft=soft, dtype=dtype, device=device)
+
+
+def batch_indices(n_cells: int, batch_size: int, step: int, seed: int) -> List[int]:
+    """Cells of global step ``step``: consecutive slices of a permutation drawn from
+    (seed, epoch); the last partial batch of an epoch is dropped."""
+    per_epoch = max(1, n_cells // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+    perm = torch.randperm(n_cells, generator=g).tolist()
+    if n_cells < batch_size:
+        return [perm[i % n_cells] for i in range(batch_size)]
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def save_checkpoint(path: str, state: dict):
+    """Atomic torch.save: write a temp file in the same directory, fsync, os.replace."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def build_model(model_cfg: CGINSConfig, train_cfg: TrainConfig) -> CGINS:
+    torch.manual_seed(train_cfg.seed)
+    return CGINS(model_cfg).to(dtype=DTYPES[train_cfg.model_dtype], device=train_cfg.device)
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    frac = min(1.0, step / max(1, cfg.steps))
+    return cfg.lr * (cfg.lr_min_factor + (1 - cfg.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _write_log(path: str, rows: List[dict]):
+    if not rows:
+        return
+    keys = list(rows[0].keys())
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(",".join(keys) + "\n")
+        for r in rows:
+            fh.write(",".join(f"{r.get(k, float('nan')):.10g}" if isinstance(r.get(k), float) else str(r.get(k))
+                              for k in keys) + "\n")
+    os.replace(tmp, path)
+
+
+def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: TrainConfig,
+          loss_cfg: Optional[LossConfig] = None, rank: int = 0, world: int = 1,
+          resume: bool = True, stop_after: Optional[int] = None,
+          progress: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Train ``model`` (a CGINS, or DDP around one) on ``cells``; returns the last
+    log row. ``stop_after`` ends the run after that many steps of this call (a
+    stand-in for being killed; the checkpoint cadence is unchanged).
+    ``progress(step, row)`` is called after every step (progress bar, console log)."""
+    loss_cfg = loss_cfg or LossConfig()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world {world}")
+    core = getattr(model, "module", model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, rows = 0, []
+    log_file = cfg.log_file or os.path.splitext(cfg.checkpoint)[0] + ".csv"
+    if resume and os.path.exists(cfg.checkpoint):
+        ck = load_checkpoint(cfg.checkpoint, map_location=cfg.device)
+        if ck["model_config"] != model_cfg.to_dict():
+            raise ValueError(f"checkpoint {cfg.checkpoint} has another model config: {ck['model_config']}")
+        core.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, rows = int(ck["step"]), list(ck["log"])
+        log.info("resumed %s at step %d", cfg.checkpoint, step)
+    sdt = DTYPES[cfg.solver_dtype]
+    ops_cache = {}
+
+    def ops_of(idx):
+        out = []
+        for i in idx:
+            if i not in ops_cache:
+                ops_cache[i] = cell_operator(cells[i], sdt, cfg.device, cfg.soft)
+            out.append(ops_cache[i])
+        return out
+
+    row = rows[-1] if rows else {}
+    done_here = 0
+    while step < cfg.steps and (stop_after is None or done_here < stop_after):
+        idx = batch_indices(len(cells), cfg.batch_size, step, cfg.seed)[rank::world]
+        ops = ops_of(idx)
+        for gr in opt.param_groups:
+            gr["lr"] = _lr_at(cfg, step)
+        opt.zero_grad(set_to_none=True)
+        out = model(ops)
+        loss, parts = cgins_loss(ops, out, loss_cfg)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip else 0.0
+        opt.step()
+        step += 1
+        done_here += 1
+        row = {"step": step, "lr": float(opt.param_groups[0]["lr"]), "grad_norm": gnorm, **parts}
+        rows.append(row)
+        if progress is not None:
+            progress(step, row)
+        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            save_checkpoint(cfg.checkpoint, {
+                "model": core.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+                "loss_config": {"level_weights": list(loss_cfg.level_weights),
+                                "mean_penalty": float(loss_cfg.mean_penalty)},
+                "log": rows})
+            _write_log(log_file, rows)
+    return row
+
+
+def load_config(path: str):
+    """Read a configs/cgins_*.yaml: sections ``model`` (CGINSConfig), ``loss``
+    (LossConfig), ``train`` (TrainConfig); other top-level sections (e.g. ``data``)
+    are returned untouched. Returns (model_cfg, loss_cfg, train_cfg, rest)."""
+    import yaml
+
+    with open(path) as fh:
+        d = yaml.safe_load(fh) or {}
+    rest = {k: v for k, v in d.items() if k not in ("model", "loss", "train")}
+    return (CGINSConfig.from_dict(d.get("model", {})), LossConfig.from_dict(d.get("loss", {})),
+            TrainConfig.from_dict(d.get("train", {})), rest)

@@ -1,0 +1,344 @@
+"""Geometric multigrid preconditioner for the periodic voxel elasticity operator.
+
+    M = build_multigrid(op)            # setup: hierarchy, smoothers, coarse solve
+    x, info = pcg(op, f, precond=M)    # M(r) -> z, one symmetric V-cycle per call
+    print(M)                           # levels, grids, unknowns, memory, smoother
+
+Hierarchy (Homo3D-style element-by-element Galerkin multigrid):
+
+* level 0 is the matrix-free fine operator ``op`` (per-voxel lambda, mu);
+* level l+1 halves every axis that is long enough (``solver.transfer``: nested for any
+  size, odd axes get one short coarse cell), with trilinear periodic prolongation P,
+  restriction R = P^T, and the Galerkin operator K_{l+1} = R K_l P stored element by
+  element: one full 24 x 24 matrix per coarse voxel, K_E = sum_c P_c^T k_c P_c
+  (``ElementMatrixOperator``). This is exact, keeps the element structure (and so the
+  same ghost / accumulate pattern as the fine operator), and is robust to the 1e-6
+  stiffness contrast of void because nothing is rediscretised;
+* the coarsest level (at most ``max_coarse`` nodes) is solved exactly with the dense
+  pseudo-inverse on the mean-free subspace, z = Q (K + s T T^T / N)^-1 Q r with T the
+  three translations and Q the mean-free projector (DESIGN.md s.2: no pinned node).
+
+The V-cycle uses the same Chebyshev/Jacobi smoother (a polynomial in D^-1 K) before
+and after the coarse correction, so M is symmetric, and positive definite on the
+mean-free subspace; PCG keeps CG's guarantees. All tensors stay on ``op.device`` in
+the storage dtype; the coarsest solve runs in float64.
+
+Distribution: every level has its own Domain, made by ``coarsen_domain``. Numerics use
+only Domain.ghost / accumulate / sum; the coarsest level is gathered with Domain.sum
+(every rank solves the small dense system redundantly). An MPI domain must provide
+``coarsen(shape) -> Domain`` whose owned blocks are the fine blocks halved: each rank's
+``local_start`` even per coarsened axis (see solver.transfer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .domain import SerialDomain
+from .element import CORNERS
+from .operator import ElasticityOperator
+from .smoothers import SMOOTHERS
+from .transfer import coarse_shape, galerkin_blocks, prolong, restrict
+
+log = logging.getLogger(__name__)
+
+
+def coarsen_domain(domain, shape):
+    """The Domain of the coarse grid ``shape``: a SerialDomain for a serial one,
+    otherwise ``domain.coarsen(shape)`` (which MPI domains must provide)."""
+    if isinstance(domain, SerialDomain):
+        return SerialDomain(shape)
+    if not hasattr(domain, "coarsen"):
+        raise TypeError(f"{type(domain).__name__} has no coarsen(shape): multigrid needs it "
+                        "to build the coarse-level domains")
+    return domain.coarsen(tuple(int(s) for s in shape))
+
+
+# -- coarse-level operator -----------------------------------------------------------
+class ElementMatrixOperator:
+    """K u = sum_E scatter(K_E u_E) with a full 24 x 24 matrix K_E per voxel.
+
+    ``ke`` has shape (l_x, l_y, l_z, 24, 24) on the owned voxels of ``domain``, element
+    dof 3 a + c with a in solver.element.CORNERS order (the fine operator's layout).
+    Same interface as ElasticityOperator for what multigrid and PCG use: apply,
+    diagonal, dot, gram, project_mean_free, domain, dtype, device."""
+
+    def __init__(self, ke: torch.Tensor, domain, chunk: int = 1 << 20):
+        self.ke = ke
+        self.domain = domain
+        self.dtype, self.device = ke.dtype, ke.device
+        self.chunk = int(chunk)
+        self._diag = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.ke.numel() * self.ke.element_size()
+
+    def apply(self, u: torch.Tensor) -> torch.Tensor:
+        B = u.shape[0]
+        lx, ly, lz = self.domain.local_shape
+        ug = self.domain.ghost(u, hi=1)
+        yg = torch.zeros_like(ug)
+        per_x = max(1, self.chunk // max(1, ly * lz * B))
+        for x0 in range(0, lx, per_x):
+            x1 = min(lx, x0 + per_x)
+            nx = x1 - x0
+            ue = torch.cat([ug[:, :, x0 + ax:x1 + ax, ay:ay + ly, az:az + lz] for ax, ay, az in CORNERS],
+                           dim=1)                                            # (B, 24, nx, ly, lz)
+            ue = ue.reshape(B, 24, -1).permute(2, 1, 0)                       # (V, 24, B)
+            fe = torch.bmm(self.ke[x0:x1].reshape(-1, 24, 24), ue)             # (V, 24, B)
+            fe = fe.permute(2, 1, 0).reshape(B, 24, nx, ly, lz)
+            for a, (ax, ay, az) in enumerate(CORNERS):
+                yg[:, :, x0 + ax:x1 + ax, ay:ay + ly, az:az + lz] += fe[:, 3 * a:3 * a + 3]
+        return self.domain.accumulate(yg, hi=1)
+
+    __call__ = apply
+
+    def diagonal(self) -> torch.Tensor:
+        if self._diag is None:
+            lx, ly, lz = self.domain.local_shape
+            d = torch.diagonal(self.ke, dim1=-2, dim2=-1)                     # (lx, ly, lz, 24)
+            yg = torch.zeros(1, 3, lx + 1, ly + 1, lz + 1, dtype=self.dtype, device=self.device)
+            for a, (ax, ay, az) in enumerate(CORNERS):
+                yg[0, :, ax:ax + lx, ay:ay + ly, az:az + lz] += d[..., 3 * a:3 * a + 3].permute(3, 0, 1, 2)
+            self._diag = self.domain.accumulate(yg, hi=1)
+        return self._diag
+
+    dot = ElasticityOperator.dot
+    gram = ElasticityOperator.gram
+    project_mean_free = ElasticityOperator.project_mean_free
+
+
+def element_matrices(op) -> torch.Tensor:
+    """Per-voxel element matrices (l_x, l_y, l_z, 24, 24) of a level operator."""
+    if isinstance(op, ElementMatrixOperator):
+        return op.ke
+    K_lam = torch.as_tensor(op._K_lam_np, dtype=op.dtype, device=op.device)
+    K_mu = torch.as_tensor(op._K_mu_np, dtype=op.dtype, device=op.device)
+    return op.lam[..., None, None] * K_lam + op.mu[..., None, None] * K_mu
+
+
+def galerkin_element_matrices(op, ratios, cshape) -> torch.Tensor:
+    """K_E = sum_c P_c^T k_c P_c for every owned coarse voxel (solver.transfer)."""
+    ke = torch.zeros(tuple(cshape) + (24, 24), dtype=op.dtype, device=op.device)
+    for cbox, fbox, Pc in galerkin_blocks(op.domain.local_shape, ratios):
+        P = torch.as_tensor(Pc, dtype=op.dtype, device=op.device)
+        if isinstance(op, ElasticityOperator):
+            # P^T (lam K_lam + mu K_mu) P = lam (P^T K_lam P) + mu (P^T K_mu P)
+            Pl = P.T @ torch.as_tensor(op._K_lam_np, dtype=op.dtype, device=op.device) @ P
+            Pm = P.T @ torch.as_tensor(op._K_mu_np, dtype=op.dtype, device=op.device) @ P
+            ke[cbox] += op.lam[fbox][..., None, None] * Pl + op.mu[fbox][..., None, None] * Pm
+        else:
+            kc = op.ke[fbox]
+            ke[cbox] += P.T @ kc @ P
+    return ke
+
+
+# -- coarsest-level solve ------------------------------------------------------------
+class DenseCoarseSolver:
+    """z = Q (K + s T T^T / N)^-1 Q r, K the assembled (3N x 3N) coarsest matrix,
+    T the three translations (N nodes), s = mean diag(K), Q the mean-free projector.
+    Since K T = 0, the translations are eigenvectors of the shifted matrix and
+    Q A^-1 Q is the Moore-Penrose pseudo-inverse of K: symmetric, exact. The global
+    vector is gathered with Domain.sum, so every rank solves redundantly (float64)."""
+
+    name = "dense pseudo-inverse"
+
+    def __init__(self, op):
+        self.domain = op.domain
+        self.out_dtype, self.device = op.dtype, op.device
+        gshape = self.domain.global_shape
+        N = int(np.prod(gshape))
+        self.N = N
+        ke = element_matrices(op).to(torch.float64)
+        dofs = self._element_dofs()                                               # (V, 24)
+        K = torch.zeros(3 * N, 3 * N, dtype=torch.float64, device=self.device)
+        rows = dofs[:, :, None].expand(-1, 24, 24).reshape(-1)
+        cols = dofs[:, None, :].expand(-1, 24, 24).reshape(-1)
+        K.index_put_((rows, cols), ke.reshape(-1), accumulate=True)
+        K = self.domain.sum(K)
+        K = 0.5 * (K + K.T)
+        s = float(torch.diagonal(K).mean())
+        T = torch.zeros(3 * N, 3, dtype=torch.float64, device=self.device)
+        T[torch.arange(3 * N, device=self.device), torch.arange(3 * N, device=self.device) % 3] = 1.0
+        A = K + (s / N) * (T @ T.T)
+        L = torch.linalg.cholesky(A)
+        Ainv = torch.cholesky_inverse(L)
+        self.Ainv = 0.5 * (Ainv + Ainv.T)
+
+    @property
+    def nbytes(self) -> int:
+        return self.Ainv.numel() * self.Ainv.element_size()
+
+    def _global_node_index(self):
+        gx, gy, gz = self.domain.global_shape
+        (lx, ly, lz), (sx, sy, sz) = self.domain.local_shape, self.domain.local_start
+        d = self.device
+        i = torch.arange(sx, sx + lx, device=d)[:, None, None]
+        j = torch.arange(sy, sy + ly, device=d)[None, :, None]
+        k = torch.arange(sz, sz + lz, device=d)[None, None, :]
+        return i, j, k
+
+    def _element_dofs(self):
+        gx, gy, gz = self.domain.global_shape
+        i, j, k = self._global_node_index()
+        cols = []
+        for ax, ay, az in CORNERS:
+            node = (((i + int(ax)) % gx) * gy + (j + int(ay)) % gy) * gz + (k + int(az)) % gz
+            node = node.reshape(-1)
+            for c in range(3):
+                cols.append(3 * node + c)
+        return torch.stack(cols, dim=1)
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        B = r.shape[0]
+        g = torch.zeros((B, 3) + tuple(self.domain.global_shape), dtype=torch.float64, device=self.device)
+        g[(slice(None), slice(None)) + self.domain.local_slice] = r.to(torch.float64)
+        g = self.domain.sum(g)
+        v = g.permute(0, 2, 3, 4, 1).reshape(B, 3 * self.N).T                 # (3N, B)
+        v = v - v.reshape(self.N, 3, B).mean(0).repeat(self.N, 1)
+        z = self.Ainv @ v
+        z = z - z.reshape(self.N, 3, B).mean(0).repeat(self.N, 1)
+        z = z.T.reshape((B,) + tuple(self.domain.global_shape) + (3,)).permute(0, 4, 1, 2, 3)
+        return z[(slice(None), slice(None)) + self.domain.local_slice].to(self.out_dtype).contiguous()
+
+    def __repr__(self):
+        return f"{self.name} ({3 * self.N} x {3 * self.N}, float64)"
+
+
+# -- hierarchy ----------------------------------------------------------------------
+@dataclasses.dataclass
+class Level:
+    """One grid of the hierarchy (PyAMG-style plain record). ``ratios`` are the
+    coarsening factors from this level to the next (None on the coarsest)."""
+    op: object
+    domain: object
+    smoother: object = None
+    ratios: Optional[tuple] = None
+
+    @property
+    def shape(self):
+        return tuple(self.domain.global_shape)
+
+    @property
+    def unknowns(self) -> int:
+        return 3 * int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this rank stores for the level operator and its diagonal."""
+        op = self.op
+        if isinstance(op, ElementMatrixOperator):
+            n = op.nbytes
+        else:
+            n = op.lam.numel() * op.lam.element_size() * 2
+        d = getattr(op, "_diag", None)
+        if d is not None:
+            n += d.numel() * d.element_size()
+        return n
+
+
+class MultigridPreconditioner:
+    """Symmetric V(nu, nu)-cycle z = M r for a block r (B, 3, l_x, l_y, l_z).
+
+    ``levels[0].op`` is the fine operator; ``coarse_solver`` acts on the last level."""
+
+    def __init__(self, levels, coarse_solver, setup_time: float = 0.0, options: dict = None):
+        self.levels = levels
+        self.coarse_solver = coarse_solver
+        self.setup_time = setup_time
+        self.options = dict(options or {})
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        return self._cycle(0, r)
+
+    def _cycle(self, l: int, b: torch.Tensor) -> torch.Tensor:
+        if l == len(self.levels) - 1:
+            return self.coarse_solver(b)
+        lev, nxt = self.levels[l], self.levels[l + 1]
+        x = lev.smoother(b)
+        r = b - lev.op.apply(x)
+        xc = self._cycle(l + 1, restrict(r, nxt.domain, lev.ratios))
+        x = x + prolong(xc, nxt.domain, lev.domain.local_shape, lev.ratios)
+        return lev.smoother(b, x)
+
+    # PyAMG-style complexities
+    def operator_complexity(self) -> float:
+        """Stored operator bytes over all levels / bytes of the fine operator."""
+        return sum(lv.nbytes for lv in self.levels) / max(1, self.levels[0].nbytes)
+
+    def grid_complexity(self) -> float:
+        return sum(lv.unknowns for lv in self.levels) / self.levels[0].unknowns
+
+    def memory_bytes(self) -> int:
+        return sum(lv.nbytes for lv in self.levels) + self.coarse_solver.nbytes
+
+    def __repr__(self):
+        op = self.levels[0].op
+        lines = [f"MultigridPreconditioner: {len(self.levels)} levels, symmetric V-cycle, "
+                 f"{op.dtype} on {op.device}, setup {self.setup_time:.3f} s",
+                 f"  {'level':>5} {'grid':>16} {'unknowns':>12} {'memory MB':>10}  operator / smoother"]
+        for i, lv in enumerate(self.levels):
+            kind = "matrix-free lambda, mu" if isinstance(lv.op, ElasticityOperator) else "24x24 per voxel"
+            sm = repr(lv.smoother) if lv.smoother is not None else "coarse: " + repr(self.coarse_solver)
+            grid = "x".join(str(n) for n in lv.shape)
+            mem = lv.nbytes + (self.coarse_solver.nbytes if i == len(self.levels) - 1 else 0)
+            lines.append(f"  {i:>5} {grid:>16} {lv.unknowns:>12} {mem / 2**20:>10.2f}  {kind}; {sm}")
+        lines.append(f"  smoother: {self.options.get('smoother')}  coarse solver: {self.coarse_solver!r}")
+        lines.append(f"  operator complexity {self.operator_complexity():.3f}, grid complexity "
+                     f"{self.grid_complexity():.3f}, total memory {self.memory_bytes() / 2**20:.1f} MB")
+        return "\n".join(lines)
+
+
+def _ratios(shape, min_axis: int):
+    return tuple(2 if n >= min_axis else 1 for n in shape)
+
+
+def build_multigrid(op, smoother: str = "chebyshev", degree: int = 3, ratio: float = 20.0,
+                    steps: int = 2, max_coarse: int = 512, max_levels: int = 12,
+                    min_axis: int = 4, lanczos_steps: int = 12, safety: float = 1.1,
+                    chunk: int = 1 << 20) -> MultigridPreconditioner:
+    """Set up the multigrid hierarchy for ``op`` (an ElasticityOperator).
+
+    Coarsen every axis with at least ``min_axis`` cells by 2 (odd axes included) while
+    the grid has more than ``max_coarse`` nodes and fewer than ``max_levels`` levels;
+    solve the coarsest exactly (``DenseCoarseSolver``). ``smoother`` is a key of
+    solver.smoothers.SMOOTHERS: 'chebyshev' (``degree``, eigenvalue ``ratio``) or
+    'jacobi' (``steps``); ``safety`` multiplies the Lanczos estimate of lambda_max(D^-1 K).
+    Returns the callable preconditioner r -> z (setup time in ``.setup_time``)."""
+    import time
+    t0 = time.perf_counter()
+    if smoother not in SMOOTHERS:
+        raise ValueError(f"unknown smoother {smoother!r}; choose from {sorted(SMOOTHERS)}")
+    sm_opts = {"chebyshev": dict(degree=degree, ratio=ratio),
+               "jacobi": dict(steps=steps)}[smoother]
+    sm_opts.update(safety=safety, lanczos_steps=lanczos_steps)
+    levels = [Level(op=op, domain=op.domain)]
+    while len(levels) < max_levels:
+        lev = levels[-1]
+        shape = lev.shape
+        r = _ratios(shape, min_axis)
+        if int(np.prod(shape)) <= max_coarse or r == (1, 1, 1):
+            break
+        cshape = coarse_shape(shape, r)
+        cdom = coarsen_domain(lev.domain, cshape)
+        ke = galerkin_element_matrices(lev.op, r, cdom.local_shape)
+        lev.ratios = r
+        levels.append(Level(op=ElementMatrixOperator(ke, cdom, chunk=chunk), domain=cdom))
+    if int(np.prod(levels[-1].shape)) > 4 * max_coarse and int(np.prod(levels[-1].shape)) > 4096:
+        log.warning("coarsest grid %s has %d nodes: the dense coarse solve will be slow",
+                    levels[-1].shape, int(np.prod(levels[-1].shape)))
+    for lev in levels[:-1]:
+        lev.smoother = SMOOTHERS[smoother](lev.op, **sm_opts)
+    coarse = DenseCoarseSolver(levels[-1].op)
+    if op.device.type == "cuda":
+        torch.cuda.synchronize(op.device)
+    t = time.perf_counter() - t0
+    M = MultigridPreconditioner(levels, coarse, setup_time=t,
+                                options=dict(smoother=smoother, **sm_opts, max_coarse=max_coarse))
+    log.info("multigrid setup %.3f s\n%r", t, M)
+    return M

@@ -1,0 +1,210 @@
+"""CGINS network, embedded PCG and energy loss.
+
+Oracles: solver.pcg.pcg (same start, t iterations, rtol 0), the solver's operator
+(energy 1/2 u.Ku - u.f), finite differences / gradcheck in float64, the adjoint
+identity R = P^T, and periodic-shift equivariance (roll in, roll out).
+"""
+import numpy as np
+import pytest
+import torch
+
+from model.embedded_pcg import embedded_pcg, mean_free
+from model.inputs import periodic_dilation
+from model.loss import LossConfig, cgins_loss, galerkin_energy, potential_energy
+from model.network import CGINS, CGINSConfig
+from model.transfer import prolongate, restrict
+from solver.operator import ElasticityOperator
+from solver.pcg import pcg
+
+torch.set_num_threads(1)
+F64 = torch.float64
+SMALL = dict(channels=(4, 6, 8), fourier_freqs=1)
+
+
+def gyroid_phases(n, shift=0.0, level=0.6):
+    """Gyroid-like sheet on an n^3 grid (numpy; the generators are not required)."""
+    x = (np.arange(n) + 0.5) / n
+    X, Y, Z = np.meshgrid(x, x, x, indexing="ij")
+    t = 2 * np.pi
+    v = (np.sin(t * X + shift) * np.cos(t * Y) + np.sin(t * Y) * np.cos(t * Z)
+         + np.sin(t * Z) * np.cos(t * X))
+    return (np.abs(v) < level).astype(np.uint8)
+
+
+def make_op(phases, nu=0.3):
+    n = phases.shape
+    return ElasticityOperator.from_phases(phases, [0.0, 1.0], [nu, nu], tuple(1.0 / s for s in n))
+
+
+def make_net(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = CGINSConfig(**{**SMALL, **kw})
+    return CGINS(cfg).to(F64)
+
+
+def _max_mean(u):
+    return float(u.detach().mean(dim=(-3, -2, -1)).abs().max())
+
+
+# -- transfers -------------------------------------------------------------------
+def test_restriction_is_prolongation_transpose():
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(2, 3, 4, 2, 4, generator=g, dtype=F64)
+    f = torch.randn(2, 3, 8, 4, 8, generator=g, dtype=F64)
+    assert abs(float((prolongate(c) * f).sum().detach() - (c * restrict(f)).sum())) < 1e-12
+    # trilinear interpolation keeps constants and preserves the mean (weights sum to 8)
+    assert torch.allclose(prolongate(torch.ones(1, 2, 2, 2, dtype=F64), 2), torch.ones(1, 8, 8, 8, dtype=F64))
+    assert abs(float(prolongate(c).mean() - c.mean())) < 1e-14
+
+
+# -- embedded PCG ----------------------------------------------------------------
+@pytest.mark.parametrize("t", [1, 4, 7])
+def test_embedded_pcg_equals_solver_pcg(t):
+    op = make_op(gyroid_phases(8))
+    f = op.rhs()
+    x0 = torch.randn(6, 3, 8, 8, 8, generator=torch.Generator().manual_seed(t), dtype=F64) * 1e-2
+    ref, info = pcg(op, f, x0=x0, rtol=0.0, maxiter=t)
+    assert info.iterations == [t] * 6
+    x = embedded_pcg(op, f, x0, t)
+    assert float((x - ref).abs().max() / ref.abs().max()) < 1e-10
+
+
+def test_embedded_pcg_gradcheck():
+    op = make_op(gyroid_phases(4, level=0.9))
+    f = op.rhs()[:2]
+    x0 = (1e-2 * torch.randn(2, 3, 4, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+    w = torch.randn(2, 3, 4, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(2))
+    assert torch.autograd.gradcheck(lambda x: (embedded_pcg(op, f, x, 2) * w).sum(), (x0,))
+
+
+# -- loss --------------------------------------------------------------------------
+def test_energy_equals_solver_operator_energy_and_gradient():
+    op = make_op(gyroid_phases(8))
+    f = op.rhs()
+    u = torch.randn(6, 3, 8, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(0)) * 1e-2
+    Ku = op.apply(u)
+    ref = torch.tensor([0.5 * float((u[i] * Ku[i]).sum()) - float((u[i] * f[i]).sum()) for i in range(6)],
+                       dtype=F64)
+    assert torch.allclose(potential_energy(op, u), ref, rtol=1e-12, atol=0)
+    # gradient of Pi is K u - f
+    uu = u.clone().requires_grad_(True)
+    potential_energy(op, uu).sum().backward()
+    assert float((uu.grad - (Ku - f)).abs().max() / (Ku - f).abs().max()) < 1e-12
+    # and matches finite differences on a tiny grid
+    op4 = make_op(gyroid_phases(4, level=0.9))
+    v = (1e-2 * torch.randn(2, 3, 4, 4, 4, dtype=F64)).requires_grad_(True)
+    f4 = op4.rhs()[:2]
+    assert torch.autograd.gradcheck(lambda x: potential_energy(op4, x, f4), (v,))
+
+
+def test_galerkin_coarse_energy_is_fine_energy_of_prolongation():
+    op = make_op(gyroid_phases(8))
+    for level in (1, 2):
+        m = 8 >> level
+        v = torch.randn(6, 3, m, m, m, dtype=F64, generator=torch.Generator().manual_seed(level))
+        a = galerkin_energy(op, v, level)
+        b = potential_energy(op, prolongate(v, level))
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+def test_loss_composition_matches_explicit_energy():
+    ops = [make_op(gyroid_phases(8, s)) for s in (0.0, 1.0)]
+    net = make_net(levels=2, t=2)
+    out = net(ops)
+    cfg = LossConfig(level_weights=(1.0, 0.3), mean_penalty=2.0)
+    loss, parts = cgins_loss(ops, out, cfg)
+    ref = 0.0
+    for b, op in enumerate(ops):
+        for w, U in ((1.0, out.u[b]), (0.3, out.levels[0][b])):
+            Ku = op.apply(U.detach())
+            e = 0.5 * (U.detach() * Ku).sum() - (U.detach() * op.rhs()).sum()
+            ref += w * float(e) / op.volume + 2.0 * float(((U.detach().mean(dim=(-3, -2, -1))) ** 2).sum())
+    assert abs(float(loss.detach()) - ref / 2) < 1e-12 * abs(ref)
+
+
+def test_loss_gradient_wrt_network_parameters_matches_finite_differences():
+    ops = [make_op(gyroid_phases(8))]
+    net = make_net(levels=2, t=2)
+    cfg = LossConfig(level_weights=(1.0, 0.5))
+    params = [p for p in net.parameters()]
+    loss, _ = cgins_loss(ops, net(ops), cfg)
+    grads = torch.autograd.grad(loss, params)
+    g = torch.Generator().manual_seed(3)
+    dirs = [torch.randn(p.shape, generator=g, dtype=F64) for p in params]
+    dd = sum(float((gr * d).sum()) for gr, d in zip(grads, dirs))
+    h = 1e-6
+
+    def at(sign):
+        with torch.no_grad():
+            for p, d in zip(params, dirs):
+                p.add_(sign * h * d)
+            val = float(cgins_loss(ops, net(ops), cfg)[0])
+            for p, d in zip(params, dirs):
+                p.sub_(sign * h * d)
+        return val
+
+    fd = (at(1) - at(-1)) / (2 * h)
+    assert abs(fd - dd) < 1e-6 * max(1.0, abs(dd)), (fd, dd)
+
+
+# -- network properties ------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(levels=1, t=0, use_pcg=False), dict(levels=2, t=3),
+                                dict(levels=3, t=2, soft_voxels=False),
+                                dict(levels=3, t=1, periodic=False, fourier_mode="random",
+                                     material_features="mandel21")])
+def test_output_is_mean_free(kw):
+    ops = [make_op(gyroid_phases(8, s)) for s in (0.0, 2.0)]
+    out = make_net(**kw)(ops)
+    scale = float(out.u_net.abs().max())
+    assert _max_mean(out.u) < 1e-13 * scale
+    assert _max_mean(out.u_net) < 1e-13 * scale
+    for U in out.levels:
+        assert _max_mean(U) < 1e-13 * scale
+    assert out.u.shape == (2, 6, 3, 8, 8, 8)
+
+
+def test_anchor_constraint_pins_the_first_active_node():
+    ops = [make_op(gyroid_phases(8))]
+    out = make_net(levels=2, mean_constraint=False, use_pcg=False)(ops)
+    a = int(out.grid.keys[0])
+    assert float(out.u_net[0].reshape(6, 3, -1)[:, :, a].abs().max()) == 0.0
+    assert _max_mean(out.u_net) > 0
+
+
+def test_shift_equivariance_without_position_features():
+    n = 16
+    ph = gyroid_phases(n, 0.3)
+    depth = 2                                   # channels (4, 6, 8): shifts by multiples of 4
+    shift, dims = (4, -8, 12), (-3, -2, -1)
+    net = make_net(levels=3, t=3, position_features=False)
+    u = net([make_op(ph)]).u
+    ur = net([make_op(np.roll(ph, shift, (0, 1, 2)))]).u
+    assert shift[0] % (1 << depth) == 0
+    err = float((ur - torch.roll(u, shift, dims)).abs().max() / u.abs().max())
+    assert err < 1e-10
+    # the property has teeth: with position features the output is not shift-equivariant
+    netp = make_net(levels=3, t=3, position_features=True)
+    up = netp([make_op(ph)]).u
+    upr = netp([make_op(np.roll(ph, shift, (0, 1, 2)))]).u
+    assert float((upr - torch.roll(up, shift, dims)).abs().max() / up.abs().max()) > 1e-3
+
+
+def test_soft_padding_covers_every_node_of_every_solid_voxel():
+    ph = torch.as_tensor(gyroid_phases(8, level=0.3)).bool()[None]
+    act = periodic_dilation(ph)[0]
+    solid = ph[0]
+    for a in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)):
+        corner = torch.roll(act, tuple(-s for s in a), (0, 1, 2))   # corner[v] = act[v + a]
+        assert bool(corner[solid].all())
+    assert int(act.sum()) < act.numel()          # the padding is one layer, not everything
+
+
+def test_network_runs_in_float32_against_float64_operator():
+    ops = [make_op(gyroid_phases(8))]
+    torch.manual_seed(0)
+    net = CGINS(CGINSConfig(**SMALL, levels=2, t=2))
+    out = net(ops)
+    loss, parts = cgins_loss(ops, out)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert out.u.dtype == F64

@@ -1,0 +1,240 @@
+"""The single-process solver against its oracles (issue 2)."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from microstructures.cell import Cell
+from solver import ElasticityOperator, homogenize, isotropic_voigt
+from solver.assembled import assemble, direct_chom
+from solver.element import lame_stiffness_matrices
+from solver.materials import (engineering_constants, lame, mandel_to_voigt, rotate_voigt,
+                              tensor4_to_voigt, voigt_reuss_bounds, voigt_to_mandel,
+                              voigt_to_tensor4)
+
+
+def rel(a, b):
+    return np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
+
+
+def to_nodes_first(u):
+    """(B, 3, nx, ny, nz) -> (3N, B) in the assembled dof order."""
+    return u.permute(2, 3, 4, 1, 0).reshape(-1, u.shape[0]).numpy()
+
+
+# -- materials and element ---------------------------------------------------------
+def test_isotropic_voigt_is_the_lame_form():
+    E, nu = 2.5, 0.28
+    C = isotropic_voigt(E, nu)
+    lam, mu = lame(E, nu)
+    assert C[0, 0] == pytest.approx(lam + 2 * mu)
+    assert C[0, 1] == pytest.approx(lam)
+    assert C[3, 3] == pytest.approx(mu)
+    eng = engineering_constants(C)
+    for k in ("E1", "E2", "E3"):
+        assert eng[k] == pytest.approx(E, rel=1e-12)
+    for k in ("nu12", "nu13", "nu23", "nu21"):
+        assert eng[k] == pytest.approx(nu, rel=1e-12)
+    assert eng["G12"] == pytest.approx(E / (2 * (1 + nu)), rel=1e-12)
+    assert eng["zener_ratio"] == pytest.approx(1.0, rel=1e-12)
+
+
+def test_notation_round_trips(rng):
+    A = rng.standard_normal((6, 6))
+    C = A @ A.T
+    assert np.allclose(mandel_to_voigt(voigt_to_mandel(C)), C)
+    assert np.allclose(tensor4_to_voigt(voigt_to_tensor4(C)), C)
+    # Mandel form is a tensor: its eigenvalues are rotation invariant
+    Q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    ev0 = np.linalg.eigvalsh(voigt_to_mandel(C))
+    ev1 = np.linalg.eigvalsh(voigt_to_mandel(rotate_voigt(C, Q)))
+    assert np.allclose(ev0, ev1)
+
+
+def test_element_matrices_symmetric_psd_with_rigid_body_null_space():
+    h = (0.3, 0.5, 0.7)
+    K_lam, K_mu = lame_stiffness_matrices(h)
+    for K in (K_lam, K_mu):
+        assert np.allclose(K, K.T, atol=1e-14)
+        assert np.linalg.eigvalsh(K).min() > -1e-12
+    ke = K_lam * 1.3 + K_mu * 0.7
+    ev = np.linalg.eigvalsh(ke)
+    assert np.sum(np.abs(ev) < 1e-10) == 6          # 3 translations + 3 rotations
+    X = np.array(list(itertools.product((0, 1), repeat=3))) * np.array(h)
+    for c in range(3):                                # translations
+        t = np.zeros(24)
+        t[c::3] = 1
+        assert np.abs(ke @ t).max() < 1e-12
+
+
+# -- operator ----------------------------------------------------------------------
+@pytest.mark.parametrize("shape,chunk", [((4, 4, 4), 1 << 22), ((5, 6, 7), 1 << 22),
+                                         ((3, 2, 4), 1 << 22), ((7, 5, 6), 6 * 5 * 6 * 2)])
+def test_operator_equals_assembled_matrix(shape, chunk, rng):
+    ph = rng.integers(0, 3, size=shape)
+    E, nu = [0.0, 1.0, 10.0], [0.3, 0.2, 0.35]
+    h = (0.9, 1.1, 1.3)
+    op = ElasticityOperator.from_phases(ph, E, nu, h, chunk=chunk)
+    assert len(list(op._slabs(6))) == (1 if chunk > 1000 else 4)
+    K, Fm, _ = assemble(ph, E, nu, h)
+    u = torch.randn(6, 3, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = op.apply(u)
+    yref = K @ to_nodes_first(u)
+    assert np.abs(to_nodes_first(y) - yref).max() <= 1e-12 * np.abs(yref).max()
+    f = op.rhs()
+    assert np.abs(to_nodes_first(f) - Fm).max() <= 1e-12 * np.abs(Fm).max()
+    d = op.diagonal()
+    assert np.abs(to_nodes_first(d)[:, 0] - K.diagonal()).max() <= 1e-12 * K.diagonal().max()
+
+
+def test_operator_symmetric_and_translations_in_null_space(rng):
+    shape = (6, 5, 4)
+    ph = rng.integers(0, 2, size=shape)
+    op = ElasticityOperator.from_phases(ph, [0.0, 3.0], [0.3, 0.3], (1, 1, 1))
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 3, *shape, dtype=torch.float64, generator=g)
+    b = torch.randn(6, 3, *shape, dtype=torch.float64, generator=g)
+    lhs, rhs = op.dot(op.apply(a), b), op.dot(a, op.apply(b))
+    assert torch.allclose(lhs, rhs, rtol=1e-12, atol=0)
+    t = torch.zeros(3, 3, *shape, dtype=torch.float64)
+    for c in range(3):
+        t[c, c] = 1.0
+    assert op.apply(t).abs().max() < 1e-12
+    # energy is positive on mean-free fields
+    op.project_mean_free(a)
+    assert bool((op.dot(a, op.apply(a)) > 0).all())
+
+
+def test_float32_operator_matches_float64(rng):
+    shape = (6, 6, 6)
+    ph = rng.integers(0, 2, size=shape)
+    op64 = ElasticityOperator.from_phases(ph, [1.0, 5.0], [0.3, 0.25], (1, 1, 1))
+    op32 = op64.to(dtype=torch.float32)
+    u = torch.randn(6, 3, *shape, dtype=torch.float64)
+    y64 = op64.apply(u)
+    y32 = op32.apply(u.float()).double()
+    assert (y32 - y64).abs().max() <= 1e-5 * y64.abs().max()
+
+
+# -- C^H ---------------------------------------------------------------------------
+def test_homogeneous_cell_gives_the_material():
+    for size in [(1, 1, 1), (2.0, 0.5, 1.5)]:
+        cell = Cell(np.zeros((4, 5, 3), np.uint8), [2.0], [0.3], size=size)
+        res = homogenize(cell)
+        assert np.abs(res.C - isotropic_voigt(2.0, 0.3)).max() <= 1e-10
+        assert res.converged
+
+
+def laminate_closed_form(C1, C2, f1):
+    """Laminate with normal x (Voigt 11, 13, 12 normal stresses continuous; 22, 33, 23
+    strains continuous): partial-inversion averaging (e.g. Milton, The Theory of
+    Composites, ch. 9)."""
+    N, T = [0, 4, 5], [1, 2, 3]
+    avg = lambda g: f1 * g(C1) + (1 - f1) * g(C2)  # noqa: E731
+    inv = np.linalg.inv
+    CNN = inv(avg(lambda C: inv(C[np.ix_(N, N)])))
+    A = avg(lambda C: inv(C[np.ix_(N, N)]) @ C[np.ix_(N, T)])
+    CNT = CNN @ A
+    CTT = avg(lambda C: C[np.ix_(T, T)] - C[np.ix_(T, N)] @ inv(C[np.ix_(N, N)]) @ C[np.ix_(N, T)]) \
+        + A.T @ CNN @ A
+    Ceff = np.zeros((6, 6))
+    Ceff[np.ix_(N, N)], Ceff[np.ix_(N, T)], Ceff[np.ix_(T, N)], Ceff[np.ix_(T, T)] = CNN, CNT, CNT.T, CTT
+    return Ceff
+
+
+@pytest.mark.parametrize("precision,tol", [("float64", 1e-8), ("float32", 2e-5)])
+def test_two_phase_laminate_closed_form(precision, tol):
+    ph = np.zeros((8, 4, 4), np.uint8)
+    ph[4:] = 1
+    cell = Cell(ph, [1.0, 10.0], [0.3, 0.3])
+    res = homogenize(cell, rtol=1e-12 if precision == "float64" else 1e-7, precision=precision)
+    ref = laminate_closed_form(isotropic_voigt(1.0, 0.3), isotropic_voigt(10.0, 0.3), 0.5)
+    assert rel(res.C, ref) <= tol
+    assert np.abs(res.C - ref).max() <= tol * np.abs(ref).max()
+
+
+def test_pcg_equals_direct_solve(rng):
+    ph = rng.integers(0, 3, size=(10, 9, 8)).astype(np.uint8)
+    cell = Cell(ph, [0.0, 1.0, 4.0], [0.3, 0.25, 0.35], size=(1.0, 0.9, 0.8))
+    Cd, _ = direct_chom(ph, cell.E, cell.nu, cell.size)
+    res = homogenize(cell, rtol=1e-10)
+    assert res.converged
+    assert rel(res.C, Cd) <= 1e-8
+
+
+def random_inclusion_cell(rng, shape=(10, 10, 10)):
+    """A smooth random two-phase + void cell (periodic Fourier noise)."""
+    k = np.fft.fftfreq(shape[0])[:, None, None] ** 2 + np.fft.fftfreq(shape[1])[None, :, None] ** 2 \
+        + np.fft.fftfreq(shape[2])[None, None, :] ** 2
+    noise = np.real(np.fft.ifftn(np.fft.fftn(rng.standard_normal(shape)) * np.exp(-40 * k)))
+    ph = np.digitize(noise, np.quantile(noise, [0.3, 0.65])).astype(np.uint8)
+    return Cell(ph, [0.0, 1.0, 3.0], [0.3, 0.3, 0.2])
+
+
+def test_chom_symmetric_positive_definite_within_bounds(rng):
+    cell = random_inclusion_cell(rng)
+    res = homogenize(cell, rtol=1e-9)
+    C = res.C
+    assert np.abs(C - C.T).max() <= 1e-12 * np.abs(C).max()
+    assert np.linalg.eigvalsh(voigt_to_mandel(C)).min() > 0
+    vf = np.bincount(cell.phases.ravel(), minlength=3) / cell.phases.size
+    CV, CR = voigt_reuss_bounds(vf, cell.E, cell.nu)
+    # Loewner order C_R <= C^H <= C_V (in Mandel form: a tensor inequality)
+    assert np.linalg.eigvalsh(voigt_to_mandel(CV - C)).min() >= -1e-9 * np.abs(C).max()
+    assert np.linalg.eigvalsh(voigt_to_mandel(C - CR)).min() >= -1e-9 * np.abs(C).max()
+
+
+def test_periodic_shift_leaves_chom_unchanged(rng):
+    cell = random_inclusion_cell(rng, (8, 9, 10))
+    C0 = homogenize(cell, rtol=1e-10).C
+    shifted = Cell(np.roll(cell.phases, (3, -2, 5), axis=(0, 1, 2)), cell.E, cell.nu)
+    assert rel(homogenize(shifted, rtol=1e-10).C, C0) <= 1e-8
+
+
+def test_axis_permutation_and_rotation_transform_chom(rng):
+    cell = random_inclusion_cell(rng, (8, 8, 8))
+    C0 = homogenize(cell, rtol=1e-10).C
+    # axis permutation (x, y, z) -> (y, z, x): new axis a is old axis perm[a]
+    perm = (1, 2, 0)
+    R = np.zeros((3, 3))
+    for a, b in enumerate(perm):
+        R[a, b] = 1.0
+    Cp = homogenize(Cell(np.transpose(cell.phases, perm), cell.E, cell.nu), rtol=1e-10).C
+    assert rel(Cp, rotate_voigt(C0, R)) <= 1e-8
+    # 90-degree rotation about z: new[i, j] = old[j, n-1-i], so old (x, y) = (y', -x'),
+    # i.e. x' = -y, y' = x
+    rot = np.rot90(cell.phases, k=1, axes=(0, 1))
+    Rz = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1.0]])
+    Cr = homogenize(Cell(np.ascontiguousarray(rot), cell.E, cell.nu), rtol=1e-10).C
+    assert rel(Cr, rotate_voigt(C0, Rz)) <= 1e-8
+    assert rel(Cr, C0) > 1e-4    # the cell is not isotropic: the test can fail
+
+
+def test_error_estimate_tracks_true_error(rng):
+    cell = random_inclusion_cell(rng, (8, 8, 8))
+    Cd, _ = direct_chom(cell.phases, cell.E, cell.nu)
+    ratios = []
+    for rtol in (1e-2, 1e-3, 1e-4, 1e-5):
+        res = homogenize(cell, rtol=rtol)
+        true = np.linalg.norm(res.C - Cd) / np.linalg.norm(Cd)
+        ratios.append(res.error_estimate / true)
+    assert all(1 / 3 <= r <= 3 for r in ratios), ratios
+
+
+def test_ctol_stops_on_the_chom_estimate(rng):
+    cell = random_inclusion_cell(rng, (8, 8, 8))
+    Cd, _ = direct_chom(cell.phases, cell.E, cell.nu)
+    res = homogenize(cell, rtol=1e-14, ctol=1e-5)
+    assert res.converged
+    assert res.error_estimate <= 3e-5
+    assert np.linalg.norm(res.C - Cd) / np.linalg.norm(Cd) <= 1e-4
+    full = homogenize(cell, rtol=1e-10)
+    assert max(res.iterations) < max(full.iterations)
+
+
+def test_unconverged_is_reported(rng):
+    cell = random_inclusion_cell(rng, (8, 8, 8))
+    res = homogenize(cell, rtol=1e-10, maxiter=5)
+    assert not res.converged
+    assert max(res.iterations) == 5
