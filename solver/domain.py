@@ -44,31 +44,46 @@ class SerialDomain:
         return self.global_shape[0] * self.global_shape[1] * self.global_shape[2]
 
     def ghost(self, x: torch.Tensor, lo: int = 0, hi: int = 1) -> torch.Tensor:
+        """x extended by lo/hi periodic ghost layers per axis (memory format kept).
+
+        One copy of x plus the thin layers: axis by axis, each axis' layers taken over
+        the previous axes' ghosts too, so edges and corners come for free."""
+        shape = list(x.shape)
+        core = []
+        for ax in range(3):
+            d = x.dim() - 3 + ax
+            core.append(slice(lo, lo + shape[d]))
+            shape[d] += lo + hi
+        fmt = torch.channels_last_3d if (x.dim() == 5 and not x.is_contiguous()
+                                         and x.is_contiguous(memory_format=torch.channels_last_3d)) \
+            else torch.contiguous_format
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        lead = (slice(None),) * (x.dim() - 3)
+        out[lead + tuple(core)] = x
         for ax in range(3):
             d = x.dim() - 3 + ax
             n = x.shape[d]
-            parts = []
-            if lo:
-                parts.append(_wrap_take(x, d, n - lo, n))
-            parts.append(x)
-            if hi:
-                parts.append(_wrap_take(x, d, 0, hi))
-            x = torch.cat(parts, dim=d) if len(parts) > 1 else x
-        return x
+            for j in range(hi):      # high ghost layer j <- owned layer j mod n
+                out.narrow(d, lo + n + j, 1).copy_(out.narrow(d, lo + j % n, 1))
+            for j in range(lo):      # low ghost layer lo-1-j <- owned layer n-1-j mod n
+                out.narrow(d, lo - 1 - j, 1).copy_(out.narrow(d, lo + (n - 1 - j) % n, 1))
+        return out
 
     def accumulate(self, xg: torch.Tensor, lo: int = 0, hi: int = 1) -> torch.Tensor:
-        # Fold the ghost layers onto their periodic owners, one axis at a time
-        # (edges and corners are carried by the later axes).
+        """Fold the ghost layers of xg onto their periodic owners; returns the owned
+        block (a view into xg, which is modified in place)."""
+        # axis by axis over the full extent of the other axes (ghosts included), so
+        # contributions in edges and corners travel on with the later axes
         for ax in range(3):
             d = xg.dim() - 3 + ax
             n = xg.shape[d] - lo - hi
-            core = xg.narrow(d, lo, n).clone()
-            if hi:
-                _wrap_add(core, d, xg.narrow(d, lo + n, hi), start=0)
-            if lo:
-                _wrap_add(core, d, xg.narrow(d, 0, lo), start=n - lo)
-            xg = core
-        return xg
+            for j in range(hi):
+                xg.narrow(d, lo + j % n, 1).add_(xg.narrow(d, lo + n + j, 1))
+            for j in range(lo):
+                xg.narrow(d, lo + (n - 1 - j) % n, 1).add_(xg.narrow(d, lo - 1 - j, 1))
+        lead = (slice(None),) * (xg.dim() - 3)
+        core = tuple(slice(lo, xg.shape[xg.dim() - 3 + ax] - hi) for ax in range(3))
+        return xg[lead + core]
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -81,16 +96,3 @@ class SerialDomain:
 
     def describe(self) -> dict:
         return {"ranks": 1, "dims": [1, 1, 1], "global_shape": list(self.global_shape)}
-
-
-def _wrap_take(x, d, start, stop):
-    """x[start:stop] along dim d with periodic wrap (start may be < 0, stop > n)."""
-    n = x.shape[d]
-    idx = torch.arange(start, stop, device=x.device) % n
-    return x.index_select(d, idx)
-
-
-def _wrap_add(core, d, layer, start):
-    n = core.shape[d]
-    idx = torch.arange(start, start + layer.shape[d], device=core.device) % n
-    core.index_add_(d, idx, layer)

@@ -139,7 +139,7 @@ class ElasticityOperator:
             for x0, x1 in slabs:
                 v = F.conv3d(ug[:, :, x0:x1 + 1], self.weight).mul_(S[:, x0:x1])
                 yg[:, :, x0:x1 + 1] += F.conv_transpose3d(v, self.weight)
-        return self.domain.accumulate(yg, hi=1).contiguous()
+        return self.domain.accumulate(yg, hi=1).contiguous(memory_format=cl)
 
     __call__ = apply
 
@@ -148,7 +148,7 @@ class ElasticityOperator:
         lx, ly, lz = self.domain.local_shape
         yg = torch.zeros(ve.shape[0], 3, lx + 1, ly + 1, lz + 1, dtype=ve.dtype, device=ve.device)
         self.scatter(ve, yg, 0)
-        return self.domain.accumulate(yg, hi=1)
+        return self.domain.accumulate(yg, hi=1).contiguous(memory_format=torch.channels_last_3d)
 
     def diagonal(self) -> torch.Tensor:
         """diag(K) as a nodal field (1, 3, l_x, l_y, l_z)."""
@@ -182,8 +182,11 @@ class ElasticityOperator:
 
     # -- reductions (float64 whatever the storage precision) -------------------
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Per-load-case global dot products (B,), float64."""
-        return self.domain.sum(torch.sum(a * b, dim=(1, 2, 3, 4), dtype=torch.float64))
+        """Per-load-case global dot products (B,), float64.
+
+        Partial sums over (y, z) planes in the storage precision (cascade
+        summation), then float64 across planes and ranks."""
+        return self.domain.sum((a * b).sum(dim=(3, 4)).to(torch.float64).sum(dim=(1, 2)))
 
     def gram(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """G_ij = <a_i, b_j> over the global grid, (B, B) float64."""
@@ -193,7 +196,7 @@ class ElasticityOperator:
 
     def project_mean_free(self, x: torch.Tensor) -> torch.Tensor:
         """Remove the global mean of each component of each load case (in place)."""
-        s = self.domain.sum(torch.sum(x, dim=(2, 3, 4), dtype=torch.float64))
+        s = self.domain.sum(x.sum(dim=(3, 4)).to(torch.float64).sum(dim=2))
         x -= (s / self.domain.n_global).to(x.dtype)[:, :, None, None, None]
         return x
 

@@ -1,0 +1,69 @@
+"""Shared helpers for the benchmark scripts: machine facts, peak memory, tables."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import subprocess
+import sys
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> dict:
+    import numpy
+    import torch
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as fh:
+            mem = f"{int(fh.readline().split()[1]) / 2**20:.0f} GiB"
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu, "cores": os.cpu_count(), "memory": mem,
+            "python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+            "torch_threads": torch.get_num_threads(), "commit": commit}
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['date']}; {m['cpu']}, {m['cores']} cores, {m['memory']}; Python {m['python']}, "
+            f"torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}; commit {m['commit']}")
+
+
+def markdown_table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def update_section(path: str, marker: str, text: str) -> None:
+    """Replace the block between <!-- marker --> and <!-- /marker --> in path (or append)."""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    body = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in body and end in body:
+        body = body[:body.index(start)] + block + body[body.index(end) + len(end):]
+    else:
+        body = body.rstrip() + "\n\n" + block + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(body)
+    os.replace(tmp, path)
