@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
-N ?= 32
+PRECOND ?= jacobi
 
 .PHONY: setup run test test-fast bench clean
 
@@ -12,8 +12,8 @@ setup:
 # The main job on the bundled default cell: a gyroid sheet (VF 0.2, 32^3).
 run: setup
 	@mkdir -p $(OUT)
-	$(PY) -m microstructures default -o $(OUT)/default_gyroid.h5
-	$(PY) -m hpc.homogenize $(OUT)/default_gyroid.h5 --precision float32 --preconditioner $(or $(PC),jacobi) -v
+	$(PY) -m microstructures tpms G --form sheet --vf 0.2 -n 32 --name default_gyroid -o $(OUT)/default_gyroid.h5
+	$(PY) -m hpc.homogenize $(OUT)/default_gyroid.h5 --precision float32 --preconditioner $(PRECOND) -v
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,0 +1,145 @@
+"""python -m hpc.homogenize end to end, and its answers to bad input (issue 2)."""
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from hpc.homogenize import EXIT_INPUT, EXIT_OK, EXIT_UNCONVERGED, main
+from hpc.results import read_result
+from microstructures.cell import Cell
+from microstructures.io import write_cell
+from solver import isotropic_voigt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_raw(path, phases=None, E=None, nu=None):
+    with h5py.File(path, "w") as fh:
+        if phases is not None:
+            fh["phases"] = phases
+        if E is not None:
+            fh["materials/E"] = np.asarray(E, dtype=np.float64)
+        if nu is not None:
+            fh["materials/nu"] = np.asarray(nu, dtype=np.float64)
+
+
+def two_phase(n=6):
+    ph = np.zeros((n, n, n), np.uint8)
+    ph[: n // 2] = 1
+    return ph
+
+
+BAD = {
+    "missing": (None, "no such file"),
+    "not_hdf5": ("text", "not an HDF5 file"),
+    "no_phases": (dict(E=[1.0], nu=[0.3]), "/phases"),
+    "not_3d": (dict(phases=np.zeros((4, 4), np.uint8), E=[1.0], nu=[0.3]), "3-D"),
+    "empty": (dict(phases=np.zeros((0, 4, 4), np.uint8), E=[1.0], nu=[0.3]), "empty"),
+    "no_material": (dict(phases=two_phase() * 2, E=[1.0, 2.0], nu=[0.3, 0.3]), "phase id 2"),
+    "negative_E": (dict(phases=two_phase(), E=[1.0, -2.0], nu=[0.3, 0.3]), "E"),
+    "nu_range": (dict(phases=two_phase(), E=[1.0, 2.0], nu=[0.3, 0.5]), "nu"),
+    "nan": (dict(phases=two_phase(), E=[1.0, np.nan], nu=[0.3, 0.3]), "NaN"),
+    "inf": (dict(phases=two_phase(), E=[1.0, 2.0], nu=[np.inf, 0.3]), "NaN or inf"),
+    "all_void": (dict(phases=two_phase(), E=[0.0, 0.0], nu=[0.3, 0.3]), "void"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path, capsys):
+    spec, needle = BAD[case]
+    path = str(tmp_path / "cell.h5")
+    if spec == "text":
+        with open(path, "w") as fh:
+            fh.write("phases: 1 2 3\n")
+    elif spec is not None:
+        write_raw(path, **spec)
+    before = set(os.listdir(tmp_path))
+    code = main([path, "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_INPUT
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    assert needle.lower() in err.lower(), err
+    assert set(os.listdir(tmp_path)) == before      # nothing written, no temp files
+
+
+def test_directory_is_unreadable(tmp_path, capsys):
+    d = tmp_path / "adir.h5"
+    d.mkdir()
+    assert main([str(d), "-q"]) == EXIT_INPUT
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_npy_input_needs_materials(tmp_path, capsys):
+    p = str(tmp_path / "ph.npy")
+    np.save(p, two_phase())
+    assert main([p, "-q"]) == EXIT_INPUT
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    out = str(tmp_path / "r.h5")
+    assert main([p, "--E", "1", "2", "--nu", "0.3", "0.3", "-o", out, "-q"]) == EXIT_OK
+    assert read_result(out)["C"].shape == (6, 6)
+
+
+def test_bad_flags_exit_2(tmp_path, capsys):
+    p = str(tmp_path / "c.h5")
+    write_cell(Cell(two_phase(), [1.0, 2.0], [0.3, 0.3]), p)
+    assert main([p, "--rtol", "-1", "-q"]) == EXIT_INPUT
+    assert main([p, "--device", "cuda:7", "-q"]) == EXIT_INPUT or __import__("torch").cuda.is_available()
+    assert not os.path.exists(str(tmp_path / "c.result.h5"))
+
+
+def test_unconverged_has_its_own_exit_status(tmp_path, capsys):
+    p = str(tmp_path / "c.h5")
+    ph = np.random.default_rng(0).integers(0, 2, size=(6, 6, 6)).astype(np.uint8)
+    write_cell(Cell(ph, [1.0, 20.0], [0.3, 0.3]), p)
+    assert main([p, "--maxiter", "2", "-q"]) == EXIT_UNCONVERGED
+    assert "not converged" in capsys.readouterr().err
+    r = read_result(str(tmp_path / "c.result.h5"))
+    assert not bool(r["attrs"]["converged"])
+    assert list(r["attrs"]["iterations"]) == [2] * 6
+
+
+def test_non_percolating_solid_warns(tmp_path, capsys):
+    ph = np.zeros((8, 8, 8), np.uint8)
+    ph[2:5, 2:5, 2:5] = 1                       # an isolated cube inclusion in void
+    p = str(tmp_path / "c.h5")
+    write_cell(Cell(ph, [0.0, 1.0], [0.3, 0.3]), p)
+    main([p, "-q", "--maxiter", "50"])
+    assert "does not percolate" in capsys.readouterr().err
+
+
+def test_end_to_end_on_a_generated_cell(tmp_path):
+    """Generate a laminate with the microstructures CLI, homogenize it with the
+    homogenize CLI in a subprocess, and check the file against the closed form."""
+    from test_solver import laminate_closed_form
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cell = str(tmp_path / "lam.h5")
+    gen = subprocess.run([sys.executable, "-m", "microstructures", "laminate", "--axis", "x",
+                          "--fractions", "0.5", "0.5", "--E", "1", "10", "--nu", "0.3", "0.3",
+                          "-n", "8", "4", "4", "-o", cell], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert gen.returncode == 0, gen.stderr
+    out = str(tmp_path / "res.h5")
+    run = subprocess.run([sys.executable, "-m", "hpc.homogenize", cell, "-o", out, "--rtol", "1e-10",
+                          "--json", "--fields"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    js = json.loads(run.stdout)
+    ref = laminate_closed_form(isotropic_voigt(1.0, 0.3), isotropic_voigt(10.0, 0.3), 0.5)
+    r = read_result(out)
+    assert np.allclose(r["C"], ref, rtol=1e-8, atol=1e-8 * np.abs(ref).max())
+    assert np.allclose(js["C"], r["C"])
+    a = r["attrs"]
+    assert bool(a["converged"]) and a["precision"] == "float64" and a["solver"] == "pcg"
+    assert len(a["iterations"]) == 6 and max(a["residuals"]) <= 1e-9
+    import hashlib
+    assert a["input_sha256"] == hashlib.sha256(open(cell, "rb").read()).hexdigest()
+    assert r["engineering"]["E1"] == pytest.approx(1.0 / np.linalg.inv(ref)[0, 0], rel=1e-8)
+    u = r["displacement"]
+    assert u.shape == (6, 3, 8, 4, 4) and u.dtype == np.float32
+    xdmf = open(str(tmp_path / "res.xdmf")).read()
+    assert "res.h5:/displacement" in xdmf and xdmf.count("<Attribute") == 7
+    # the result is marked with the tool's provenance
+    assert a["version"] and a["convention"].startswith("Voigt")
