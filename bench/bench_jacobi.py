@@ -20,12 +20,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine, machine_line, markdown_table, peak_rss_mb, update_section  # noqa: E402
 
-CELLS = {
-    "gyroid-sheet-0.20": lambda n: __import__("microstructures.generators.tpms", fromlist=["tpms"]).tpms(
-        "G", "sheet", vf=0.2, n=n),
-    "octet-0.15": lambda n: __import__("microstructures.generators.lattice", fromlist=["lattice"]).lattice(
-        "octet", vf=0.15, n=n),
-}
+def _gyroid(n):
+    from microstructures.generators import tpms
+    return tpms("G", "sheet", vf=0.2, n=n)
+
+
+def _octet(n):
+    from microstructures.generators import lattice
+    return lattice("octet", vf=0.15, n=n)
+
+
+CELLS = {"gyroid-sheet-0.20": _gyroid, "octet-0.15": _octet}
 
 
 def run_one(cell_name, n, rtol, precision, preconditioner, maxiter):
