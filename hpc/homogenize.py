@@ -65,10 +65,10 @@ def default_output(cell_path: str) -> str:
 
 def _world():
     """(rank, size) of the launcher, without importing MPI for serial runs."""
-    for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
-        if int(os.environ.get(k, "1") or 1) > 1:
-            from mpi4py import MPI
-            return MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
+    launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
+    if launched or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
+        from mpi4py import MPI
+        return MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
     return 0, 1
 
 

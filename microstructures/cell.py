@@ -7,6 +7,7 @@ phase p; ``E[p] == 0`` marks void (replaced by a soft material in the solver).
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,19 @@ class CellError(ValueError):
     """A cell that cannot be homogenized; ``str(err)`` is one line for the user."""
 
 
+def json_default(o):
+    """json.dumps hook: numpy arrays and scalars as plain lists and numbers."""
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
 @dataclasses.dataclass
 class Cell:
+    """phases (n_x, n_y, n_z) phase ids; E, nu (P,) per phase; size (3,) physical edge lengths;
+    name, generator and params (JSON-serializable) describe where the cell came from."""
     phases: np.ndarray
     E: np.ndarray
     nu: np.ndarray
@@ -91,6 +103,10 @@ class Cell:
         name = f"{self.name}: " if self.name else ""
         return (f"{name}{shape} voxels, {self.n_phases} phases, "
                 f"volume fraction {self.volume_fraction:.4f}{gen}")
+
+    def params_json(self) -> str:
+        """The generator parameters as a JSON string (TypeError if they are not serializable)."""
+        return json.dumps(self.params, default=json_default)
 
     def attrs(self) -> dict[str, Any]:
         return {"size": np.asarray(self.size), "name": self.name, "generator": self.generator,

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..cell import CellError
+from ..cell import CellError, json_default
 
 #: Default tolerance on the voxel volume fraction (absolute): |achieved - target| <= VF_TOL.
 VF_TOL = 0.005
@@ -109,15 +109,7 @@ def scatter_min(field: np.ndarray, box: np.ndarray, start: Sequence[int]) -> Non
 
 def jsonable(obj: Any) -> Any:
     """Generator parameters as plain JSON types (numpy scalars and arrays converted)."""
-    return json.loads(json.dumps(obj, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def voxel_positions(flat_index: np.ndarray, shape: Sequence[int], shift=(0.0, 0.0, 0.0)) -> np.ndarray:

@@ -175,7 +175,7 @@ def shell_lattice(topology="octet", vf: float = 0.1, n=32, outer_radius: float |
     """A hollow-strut lattice cell with solid volume fraction ``vf`` (within ``tol``).
 
     outer_radius: the tubes' outer radius; default: the radius of the solid lattice of
-    volume fraction min(3 vf, (1 + vf)/2). The wall thickness is solved for ``vf``;
+    volume fraction min(2 vf, (1 + vf)/2). The wall thickness is solved for ``vf``;
     ``cell.params`` holds 'outer_radius', 'inner_radius' and 'thickness'.
     """
     topo = resolve_topology(topology, nodes, k, seed)
@@ -184,7 +184,7 @@ def shell_lattice(topology="octet", vf: float = 0.1, n=32, outer_radius: float |
     field = _Field(shape, topo, periods, size, shift, node_ratio, caps)
     N = int(np.prod(shape))
     if outer_radius is None:
-        vf_out = min(3.0 * vf, 0.5 * (1.0 + vf))
+        vf_out = min(2.0 * vf, 0.5 * (1.0 + vf))
         outer = field.select(int(round(vf_out * N)), 1.5 * field.radius_estimate(vf_out) + 2 * field.voxel,
                              slack=int(tol * N))
         r_out = outer.level

@@ -107,15 +107,17 @@ def tpms(surface: str = "G", form: str = "network", vf: float = 0.3, n=32, perio
     periods = as_triple(periods, "periods", positive=True, integer=True)
     size = as_triple(size, "size", positive=True)
     shift = as_triple(shift, "shift")
+    periods_arr = np.asarray(periods, dtype=np.float64)
     T = tpms_field(key, shape, periods, shift)
     f = np.abs(T) if form == "sheet" else T
     target = int(round(vf * f.size))
     sel = select(f, target)
     if abs(sel.fraction - vf) > tol:
         # too coarse a grid for the symmetric level sets: split the tie group (see level.py)
-        sel = select(f, target, lambda idx: periodic_noise(voxel_positions(idx, shape, shift)))
-        log.warning("TPMS %s %s: volume fraction reached by splitting a group of symmetric voxels; "
-                    "the cell is not exactly symmetric (grid %s is coarse)", key, form, shape)
+        # the noise is taken in surface-period coordinates, so the periods still tile exactly
+        sel = select(f, target, lambda idx: periodic_noise(voxel_positions(idx, shape, shift) * periods_arr))
+        log.info("TPMS %s %s: volume fraction reached by splitting a group of symmetric voxels; "
+                 "the cell is not exactly symmetric (grid %s is coarse)", key, form, shape)
     level, achieved = sel.level, sel.fraction
     if abs(achieved - vf) > tol:
         raise CellError(f"TPMS {key} {form}: volume fraction {vf:g} not reachable within {tol:g} "
@@ -124,6 +126,6 @@ def tpms(surface: str = "G", form: str = "network", vf: float = 0.3, n=32, perio
     log.info("TPMS %s %s: level %.6g, volume fraction %.5f (target %g)", key, form, level, achieved, vf)
     params = jsonable({"surface": key, "form": form, "vf": vf, "n": list(shape), "periods": list(periods),
                        "E": E, "nu": nu, "shift": list(shift), "tol": tol,
-                       "level": level, "vf_achieved": achieved})
+                       "level": level, "vf_achieved": achieved, "symmetric": not sel.split})
     name = name or f"tpms-{key}-{form}-vf{vf:g}"
     return Cell(phases, E=[0.0, E], nu=[nu, nu], size=size, name=name, generator="tpms", params=params)

@@ -54,7 +54,7 @@ def shape_matrices(rot: np.ndarray, semi: np.ndarray) -> np.ndarray:
     return np.einsum("kij,kj,klj->kil", rot, semi ** 2, rot)
 
 
-def contact_function(r: np.ndarray, A: np.ndarray, B: np.ndarray, iters: int = 48) -> np.ndarray:
+def contact_function(r: np.ndarray, A: np.ndarray, B: np.ndarray, iters: int = 32) -> np.ndarray:
     """Perram-Wertheim F for pairs (r (k,3), A (k,3,3), B (k,3,3)); F < 1 means overlap.
 
     F(l) is concave in l on [0, 1], so a golden-section search finds its maximum.
@@ -74,8 +74,7 @@ def contact_function(r: np.ndarray, A: np.ndarray, B: np.ndarray, iters: int = 4
         lo = np.where(left, lo, x1)
         x2n = np.where(left, x1, lo + g * (hi - lo))
         x1n = np.where(left, hi - g * (hi - lo), x2)
-        f2 = np.where(left, f1, np.nan)
-        f1 = np.where(left, np.nan, f2)
+        f1, f2 = np.where(left, np.nan, f2), np.where(left, f1, np.nan)  # the kept point's value moves
         x1, x2 = x1n, x2n
         f1 = np.where(np.isnan(f1), F(x1), f1)
         f2 = np.where(np.isnan(f2), F(x2), f2)
@@ -86,23 +85,36 @@ def _min_image(d: np.ndarray, size: np.ndarray) -> np.ndarray:
     return d - size * np.round(d / size)
 
 
-def rsa_centres(rng: np.random.Generator, A: np.ndarray, bound: np.ndarray, size: np.ndarray,
+def _overlaps(d: np.ndarray, A: np.ndarray, B: np.ndarray, inner: np.ndarray, inner_b: float,
+              outer: np.ndarray, outer_b: float) -> bool:
+    """Whether ellipsoid B at the origin overlaps any of the ellipsoids A at offsets -d.
+
+    Bounding spheres (outer radii) and inscribed spheres (inner radii) settle most pairs;
+    the contact function decides the rest.
+    """
+    dist = np.linalg.norm(d, axis=1)
+    if np.any(dist < inner + inner_b):
+        return True
+    near = np.flatnonzero(dist < outer + outer_b)
+    if near.size == 0:
+        return False
+    return bool(np.any(contact_function(d[near], A[near], np.broadcast_to(B, (near.size, 3, 3))) < 1.0))
+
+
+def rsa_centres(rng: np.random.Generator, A: np.ndarray, semi: np.ndarray, size: np.ndarray,
                 max_attempts: int) -> np.ndarray:
-    """Random sequential addition of ellipsoids (shape matrices A, bounding radii) in the periodic box."""
+    """Random sequential addition of ellipsoids (shape matrices A (k,3,3), semi-axes (3,)) in the periodic box."""
     count = len(A)
+    inner, outer = np.full(count, semi.min()), np.full(count, semi.max())
     centres = np.empty((count, 3))
     placed = 0
     for _ in range(int(max_attempts)):
         if placed == count:
             break
         c = rng.random(3) * size
-        if placed:
-            d = _min_image(centres[:placed] - c, size)
-            near = np.flatnonzero(np.linalg.norm(d, axis=1) < bound[:placed] + bound[placed])
-            if near.size:
-                F = contact_function(d[near], A[near], np.broadcast_to(A[placed], (near.size, 3, 3)))
-                if np.any(F < 1.0):
-                    continue
+        if placed and _overlaps(_min_image(centres[:placed] - c, size), A[:placed], A[placed],
+                                inner[:placed], inner[placed], outer[:placed], outer[placed]):
+            continue
         centres[placed] = c
         placed += 1
     if placed < count:
@@ -111,14 +123,11 @@ def rsa_centres(rng: np.random.Generator, A: np.ndarray, bound: np.ndarray, size
     return centres
 
 
-def any_overlap(centres: np.ndarray, A: np.ndarray, bound: np.ndarray, size: np.ndarray) -> bool:
+def any_overlap(centres: np.ndarray, A: np.ndarray, semi: np.ndarray, size: np.ndarray) -> bool:
     """Whether two of the periodic ellipsoids overlap (minimum-image pairs)."""
-    for i in range(1, len(centres)):
-        d = _min_image(centres[:i] - centres[i], size)
-        near = np.flatnonzero(np.linalg.norm(d, axis=1) < bound[:i] + bound[i])
-        if near.size and np.any(contact_function(d[near], A[near], np.broadcast_to(A[i], (near.size, 3, 3))) < 1.0):
-            return True
-    return False
+    inner, outer = np.full(len(A), semi.min()), np.full(len(A), semi.max())
+    return any(_overlaps(_min_image(centres[:i] - centres[i], size), A[:i], A[i], inner[:i], inner[i],
+                         outer[:i], outer[i]) for i in range(1, len(centres)))
 
 
 def inclusions(vf: float = 0.2, n=32, radius: float | None = None, count: int | None = None,
@@ -172,8 +181,7 @@ def inclusions(vf: float = 0.2, n=32, radius: float | None = None, count: int | 
     rot = (np.broadcast_to(np.eye(3), (count, 3, 3)) if (aligned or shape == "sphere")
            else random_rotations(rng, count))
     place_semi = semi * (1.0 + _PLACE_MARGIN) + 0.5 * gap
-    centres = rsa_centres(rng, shape_matrices(rot, place_semi), np.full(count, place_semi.max()), size,
-                          max_attempts)
+    centres = rsa_centres(rng, shape_matrices(rot, place_semi), place_semi, size, max_attempts)
 
     # rho is exact up to 1 + margin: room for the volume-fraction scale s (voxelization error ~ h / r)
     h = float(np.max(size / np.asarray(grid)))
@@ -204,7 +212,7 @@ def inclusions(vf: float = 0.2, n=32, radius: float | None = None, count: int | 
     scale = sel.level
     final = semi * scale
     if not (scale <= 1.0 + margin) or (scale > 1.0 + _PLACE_MARGIN and
-                                       any_overlap(centres, shape_matrices(rot, final), np.full(count, final.max()), size)):
+                                       any_overlap(centres, shape_matrices(rot, final), final, size)):
         raise CellError(f"inclusions: hitting vf {vf:g} on this grid needs inclusions {scale:.3g} times their "
                         "nominal size, and they would overlap; use a finer grid, a lower vf or a larger gap")
     phases = sel.mask.astype(np.uint8)

@@ -1,0 +1,39 @@
+"""Atomic file output: write to a temporary file in the target's directory, then rename.
+
+A reader never sees a half-written file, and a failed write leaves nothing behind (an
+existing file at the target keeps its old content).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Iterator
+
+from .cell import CellError
+
+
+@contextlib.contextmanager
+def atomic_output(path) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CellError(f"cannot write {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise CellError(f"cannot write {path}: it is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise CellError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)  # mkstemp makes 0600; use what an ordinary open() would give
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,62 @@
+"""Whether the solid of a periodic cell connects opposite faces (percolates), per axis.
+
+The solid (E > 0) voxels are labelled into face-connected (6-neighbour) components of
+the non-periodic array; components touching across the periodic faces are then joined
+in a graph whose edges carry the lattice shift of the crossing (+e_x, ...). Walking each
+periodic cluster assigns every component an integer offset; an edge that closes a cycle
+with a non-zero net shift w means the cluster wraps around the period: it is infinite in
+the tiled structure along w, so it connects the opposite faces of every axis where w is
+non-zero. Face connectivity is used because Q1 elements that share only an edge or a
+corner transmit load through a hinge, not a load path worth counting.
+"""
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+import numpy as np
+from scipy import ndimage
+
+from .cell import Cell
+
+
+def percolates(cell) -> tuple[bool, bool, bool]:
+    """(x, y, z): whether a connected solid component wraps around the period in each axis.
+
+    ``cell``: a Cell (solid = E > 0) or a boolean solid mask (n_x, n_y, n_z).
+    """
+    mask = cell.solid_mask if isinstance(cell, Cell) else np.asarray(cell, dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"percolates: need a 3-D mask, got shape {mask.shape}")
+    labels, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 1))
+    if count == 0:
+        return (False, False, False)
+    graph = defaultdict(list)  # label -> [(neighbour label, shift)]
+    for axis in range(3):
+        hi = np.take(labels, -1, axis=axis).ravel()
+        lo = np.take(labels, 0, axis=axis).ravel()
+        both = (hi > 0) & (lo > 0)
+        if not np.any(both):
+            continue
+        shift = np.zeros(3, dtype=np.int64)
+        shift[axis] = 1
+        for a, b in np.unique(np.stack([hi[both], lo[both]], axis=1), axis=0):
+            graph[int(a)].append((int(b), shift))   # from the high face of a into b, one period on
+            graph[int(b)].append((int(a), -shift))
+    offset: dict[int, np.ndarray] = {}
+    wraps = np.zeros(3, dtype=bool)
+    for root in graph:
+        if root in offset:
+            continue
+        offset[root] = np.zeros(3, dtype=np.int64)
+        queue = deque([root])
+        while queue:
+            u = queue.popleft()
+            for v, s in graph[u]:
+                if v not in offset:
+                    offset[v] = offset[u] + s
+                    queue.append(v)
+                else:
+                    wraps |= (offset[u] + s - offset[v]) != 0
+        if wraps.all():
+            break
+    return tuple(bool(w) for w in wraps)
