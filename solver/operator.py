@@ -23,6 +23,8 @@ Both convolutions run in channels-last layout (oneDNN on CPU, cuDNN on CUDA).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -66,7 +68,6 @@ class ElasticityOperator:
         self.n_lam = L.shape[0]
         self.weight = self._conv_weight(np.vstack([L, M]))
         self.chunk = int(chunk)
-        self._scale = None
         self._diag = None
 
     # -- construction helpers -------------------------------------------------
@@ -97,14 +98,13 @@ class ElasticityOperator:
                                   self.h, self.domain, self.chunk)
 
     # -- the operator ---------------------------------------------------------
-    def _voxel_scale(self) -> torch.Tensor:
-        """S_e as a (25, l_x, l_y, l_z) channels tensor (lambda x 7, mu x 18)."""
-        if self._scale is None:
-            lx, ly, lz = self.lam.shape
-            nm = self.weight.shape[0] - self.n_lam
-            self._scale = torch.cat([self.lam.expand(self.n_lam, lx, ly, lz),
-                                     self.mu.expand(nm, lx, ly, lz)])
-        return self._scale
+    def _scale_(self, v: torch.Tensor, x0: int = 0, x1: Optional[int] = None) -> torch.Tensor:
+        """v <- S_e v in place for the voxel slab [x0, x1): lambda on the first
+        n_lam channels, mu on the rest (broadcast, no per-channel copy of S)."""
+        x1 = self.lam.shape[0] if x1 is None else x1
+        v[:, :self.n_lam].mul_(self.lam[x0:x1])
+        v[:, self.n_lam:].mul_(self.mu[x0:x1])
+        return v
 
     def _slabs(self, B: int):
         lx, ly, lz = self.domain.local_shape
@@ -116,7 +116,7 @@ class ElasticityOperator:
         """k_e u_e for voxels [x0, x1) of the owned block: (B, 24, x1-x0, l_y, l_z).
         ``ug`` is the ghosted field (hi = 1). Reference path (apply() is faster)."""
         G = self.weight.permute(0, 2, 3, 4, 1).reshape(self.weight.shape[0], 24)
-        v = F.conv3d(ug[:, :, x0:x1 + 1], self.weight) * self._voxel_scale()[:, x0:x1]
+        v = self._scale_(F.conv3d(ug[:, :, x0:x1 + 1], self.weight), x0, x1)
         return torch.einsum("ka,bkxyz->baxyz", G, v)
 
     def scatter(self, fe: torch.Tensor, yg: torch.Tensor, x0: int):
@@ -130,14 +130,13 @@ class ElasticityOperator:
         B = u.shape[0]
         cl = torch.channels_last_3d
         ug = self.domain.ghost(u, hi=1).contiguous(memory_format=cl)
-        S = self._voxel_scale()
         slabs = list(self._slabs(B))
         if len(slabs) == 1:
-            yg = F.conv_transpose3d(F.conv3d(ug, self.weight).mul_(S), self.weight)
+            yg = F.conv_transpose3d(self._scale_(F.conv3d(ug, self.weight)), self.weight)
         else:
             yg = torch.zeros_like(ug)
             for x0, x1 in slabs:
-                v = F.conv3d(ug[:, :, x0:x1 + 1], self.weight).mul_(S[:, x0:x1])
+                v = self._scale_(F.conv3d(ug[:, :, x0:x1 + 1], self.weight), x0, x1)
                 yg[:, :, x0:x1 + 1] += F.conv_transpose3d(v, self.weight)
         return self.domain.accumulate(yg, hi=1).contiguous(memory_format=cl)
 
