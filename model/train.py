@@ -203,3 +203,26 @@ def load_config(path: str):
     rest = {k: v for k, v in d.items() if k not in ("model", "loss", "train")}
     return (CGINSConfig.from_dict(d.get("model", {})), LossConfig.from_dict(d.get("loss", {})),
             TrainConfig.from_dict(d.get("train", {})), rest)
+
+
+def load_model(path: str, device="cpu") -> CGINS:
+    """A trained CGINS from a checkpoint (eval mode). ``model.sha256`` is the hash of
+    the checkpoint file, for the result file's provenance."""
+    import hashlib
+
+    ck = load_checkpoint(path, map_location=device)
+    dt = DTYPES[ck.get("train_config", {}).get("model_dtype", "float32")]
+    net = CGINS(CGINSConfig.from_dict(ck["model_config"])).to(dtype=dt, device=device)
+    net.load_state_dict(ck["model"])
+    net.eval()
+    with open(path, "rb") as fh:
+        net.sha256 = hashlib.sha256(fh.read()).hexdigest()
+    return net
+
+
+@torch.no_grad()
+def warm_start(net: CGINS, op, solid=None) -> torch.Tensor:
+    """Initial guess (6, 3, n_x, n_y, n_z) for solver.pcg from a trained network: the
+    network prediction followed by its embedded PCG steps, in op's dtype. The solver
+    then iterates to its own tolerance from there (the answer does not depend on it)."""
+    return net([op], None if solid is None else solid[None]).u[0].detach()

@@ -140,3 +140,13 @@ def test_gradcheck_custom_function():
     from model.sparse_conv import sparse_conv
     nmap = grid.neighbour_map(3, True)
     assert torch.autograd.gradcheck(lambda a, b: sparse_conv(a, b, nmap), (x, w))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu():
+    x, w, b, grid, conv = _setup(torch.float64, mask=torch.rand(2, 6, 5, 4, generator=torch.Generator().manual_seed(2)) < 0.5)
+    xs = grid.from_dense(x)
+    y_cpu = conv(SparseTensor(xs, grid)).features
+    gc = grid.to("cuda")
+    y_gpu = conv.to("cuda")(SparseTensor(xs.cuda(), gc)).features
+    assert _rel(y_gpu.cpu(), y_cpu) < 1e-12

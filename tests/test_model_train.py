@@ -57,3 +57,34 @@ def test_resume_gives_same_weights_as_uninterrupted_run(tmp_path):
     ck = load_checkpoint(tc2.checkpoint)
     assert ck["step"] == 6 and len(ck["log"]) == 6
     assert not [f for f in os.listdir(os.path.dirname(tc2.checkpoint)) if f.startswith(".tmp-")]
+
+
+def test_shipped_configs_parse():
+    from model.train import load_config
+    here = os.path.join(os.path.dirname(__file__), "..", "configs")
+    names = sorted(f for f in os.listdir(here) if f.startswith("cgins_") and f.endswith(".yaml"))
+    assert names, "no configs/cgins_*.yaml"
+    for f in names:
+        mc, lc, tc, _ = load_config(os.path.join(here, f))
+        assert len(lc.level_weights) >= mc.levels
+
+
+def test_load_model_and_warm_start_keep_the_solver_answer(tmp_path):
+    from model.train import cell_operator, load_model, warm_start
+    from solver.pcg import pcg
+    cells = _cells()
+    mc, tc = _cfgs(tmp_path, "ws")
+    tc.steps = 2
+    net = build_model(mc, tc)
+    train(net, cells, mc, tc)
+    loaded = load_model(tc.checkpoint)
+    assert len(loaded.sha256) == 64
+    for a, b in zip(net.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    op = cell_operator(cells[0])
+    x0 = warm_start(loaded, op)
+    x_ws, info_ws = pcg(op, op.rhs(), x0=x0, rtol=1e-10)
+    x_0, info_0 = pcg(op, op.rhs(), rtol=1e-10)
+    assert info_ws.all_converged and info_0.all_converged
+    C_ws, C_0 = op.chom(x_ws), op.chom(x_0)
+    assert float((C_ws - C_0).norm() / C_0.norm()) < 1e-9
