@@ -44,14 +44,16 @@ which equals the element energy form sum_e (chi0^i - chi^i)_e^T k_e (chi0^j - ch
 GAMG trap
 ---------
 PETSc 3.18 GAMG at a void contrast of 1e-6 is fragile in its Chebyshev smoother
-bounds. Measured on 16^3 and 24^3 gyroids: taking the
-bounds from the smoothed-aggregation estimate (-pc_gamg_use_sa_esteig true) or a
-tighter safety factor (-mg_levels_ksp_chebyshev_esteig 0,0.05,0,1.05) makes CG stop
-with DIVERGED_INDEFINITE_PC after 3 iterations; estimating with CG
-(-mg_levels_esteig_ksp_type cg) stagnated (> 300 iterations) on some cells. The
-defaults below (GAMG_DEFAULTS: per-level GMRES estimate, bounds [0.1, 1.1] x lambda_max,
-SA estimate off) converged in 23-33 iterations on all of them. Every load case's
-converged reason is checked; a negative one raises ``PetscSolveError`` with its name.
+bounds: the smoother amplifies every mode above the estimated lambda_max, and an
+underestimate makes the V-cycle indefinite. Measured on 14^3-24^3 gyroids and two
+strut lattices: with the smoothed-aggregation estimate (-pc_gamg_use_sa_esteig true),
+or a 10-step GMRES estimate with the default safety factor 1.1, or a tighter 1.05,
+CG stops with DIVERGED_INDEFINITE_PC after 3-5 iterations (one lattice failed with
+PETSc's own defaults); a CG estimate (-mg_levels_esteig_ksp_type cg) stagnated
+(> 300 iterations) on a gyroid. GAMG_DEFAULTS below (per-level 30-step GMRES
+estimate, bounds [0.1, 1.2] x lambda_max, SA estimate off) converged on all of them,
+on 1 and 2 ranks, in 23-68 iterations at rtol 1e-8. Every load case's converged
+reason is checked; a negative one raises ``PetscSolveError`` with its name.
 """
 from __future__ import annotations
 
@@ -75,8 +77,8 @@ GAMG_DEFAULTS = {
     "mg_levels_ksp_type": "chebyshev",
     "mg_levels_pc_type": "jacobi",
     "mg_levels_esteig_ksp_type": "gmres",
-    "mg_levels_esteig_ksp_max_it": "10",
-    "mg_levels_ksp_chebyshev_esteig": "0,0.1,0,1.1",
+    "mg_levels_esteig_ksp_max_it": "30",
+    "mg_levels_ksp_chebyshev_esteig": "0,0.1,0,1.2",
 }
 
 #: preconditioner name in the result (HomogenizationResult.preconditioner)
@@ -161,22 +163,38 @@ class _CellBlock:
 
 
 def _cell_header(cell):
-    """(global shape, size, E, nu, reader(slices) -> phases block) for a Cell or an HDF5 path."""
+    """(global shape, size, E, nu, reader(slices) -> phases block) for a Cell or the
+    path of a cell file; from a path, each rank reads only its block of /phases."""
     if isinstance(cell, (str, os.PathLike)):
-        import h5py
         path = os.fspath(cell)
-        with h5py.File(path, "r") as f:
-            shape = f["phases"].shape
-            E, nu = f["materials/E"][()], f["materials/nu"][()]
-            size = tuple(np.broadcast_to(np.asarray(f.attrs.get("size", (1.0, 1.0, 1.0)),
-                                                    dtype=np.float64), (3,)))
+        try:
+            from microstructures.io import read_header, read_phases_block
+        except ImportError:                       # the I/O module not there: plain h5py
+            return _h5_header(path)
+        head = read_header(path)
+        if head["E"] is None:
+            raise ValueError(f"{path}: the file has no /materials; pass a Cell instead")
 
-        def read(sl):                             # only the owned hyperslab is read
-            with h5py.File(path, "r") as f:
-                return f["phases"][sl]
-        return shape, size, E, nu, read
+        def read(sl):
+            return read_phases_block(path, [s.start for s in sl], [s.stop for s in sl])
+        return head["shape"], head["size"], head["E"], head["nu"], read
     phases = np.asarray(cell.phases)
     return phases.shape, tuple(cell.size), cell.E, cell.nu, lambda sl: phases[sl]
+
+
+def _h5_header(path):
+    """_cell_header for an HDF5 cell (DESIGN.md s.4) read with h5py directly."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        shape = f["phases"].shape
+        E, nu = f["materials/E"][()], f["materials/nu"][()]
+        size = tuple(np.broadcast_to(np.asarray(f.attrs.get("size", (1.0, 1.0, 1.0)),
+                                                dtype=np.float64).ravel(), (3,)))
+
+    def read(sl):                                 # h5py reads only the hyperslab
+        with h5py.File(path, "r") as f:
+            return f["phases"][sl]
+    return shape, size, E, nu, read
 
 
 class PetscSystem:
@@ -450,8 +468,9 @@ def _setup_and_solve(system, k, ksp, pc, rtol, inserted, options_prefix, monitor
         if reason < 0:
             raise PetscSolveError(
                 f"PETSc KSP {k.getType()} + PC {k.getPC().getType()} failed on load case {i}: "
-                f"{reason_name(reason)} after {its} iterations "
-                f"(rtol {rtol:g}; try pc='jacobi' or other -{options_prefix}pc_gamg_* options)")
+                f"{reason_name(reason)} after {its} iterations (rtol {rtol:g})"
+                + (f"; try pc='jacobi' or other -{options_prefix}mg_levels_* options"
+                   if k.getPC().getType() == "gamg" else ""))
         system.nullspace.remove(x)
         system.A.mult(x, r)
         r.aypx(-1.0, fi)                        # r = f - K x
