@@ -39,8 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["float64", "float32"], default="float64",
                    help="storage precision of the solve; reductions and C^H are float64")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default cpu)")
-    p.add_argument("--preconditioner", "--pc", default="jacobi", choices=["jacobi", "multigrid"],
-                   help="PCG preconditioner (default jacobi)")
+    p.add_argument("--solver", default="pcg", choices=["pcg", "petsc", "cgins"],
+                   help="pcg: our matrix-free PCG (default); petsc: the assembled PETSc reference "
+                        "(CG + --petsc-pc); cgins: PCG started from a trained CGINS network (--model)")
+    p.add_argument("--preconditioner", "--pc", default="multigrid", choices=["jacobi", "multigrid"],
+                   help="PCG preconditioner for --solver pcg/cgins (default multigrid)")
+    p.add_argument("--petsc-pc", default="gamg", choices=["gamg", "jacobi"],
+                   help="PETSc preconditioner for --solver petsc (default gamg)")
+    p.add_argument("--petsc-options", default="",
+                   help="extra PETSc options for --solver petsc, e.g. \"-ksp_monitor -pc_gamg_threshold 0.01\" "
+                        "(applied under the prefix homog_)")
+    p.add_argument("--model", default=None,
+                   help="CGINS checkpoint for --solver cgins (default: models/cgins_default.pt)")
     p.add_argument("--soft", type=float, default=1e-6, help="void stiffness as a fraction of max E (default 1e-6)")
     p.add_argument("--E", type=float, nargs="+", help="Young's moduli per phase (.npy input)")
     p.add_argument("--nu", type=float, nargs="+", help="Poisson ratios per phase (.npy input)")
@@ -123,10 +133,42 @@ class Progress:
             sys.stderr.write("\n")
 
 
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "models", "cgins_default.pt")
+
+
+class _CGINSWarmStart:
+    """x0(op) for solver.homogenize from a trained CGINS checkpoint."""
+
+    def __init__(self, path, device):
+        from model.train import load_model
+        self.net = load_model(path, device=device)
+        self.provenance = {"model": os.path.basename(path), "model_sha256": self.net.sha256}
+
+    def __call__(self, op):
+        from model.train import warm_start
+        return warm_start(self.net, op).to(op.dtype)
+
+
+def cgins_warm_start(args):
+    path = args.model or DEFAULT_MODEL
+    if not os.path.exists(path):
+        raise InputError(f"--model {path}: no such checkpoint (train one with python -m hpc.train)")
+    if args.preconditioner is None:
+        args.preconditioner = "multigrid"
+    try:
+        return _CGINSWarmStart(path, args.device)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError ...
+        raise InputError(f"--model {path}: not a CGINS checkpoint ({str(exc).splitlines()[0]})") from None
+
+
 def format_report(res) -> str:
     names = ["11", "22", "33", "23", "13", "12"]
+    method = f"PETSc CG + {res.preconditioner}" if res.solver == "petsc" else f"{res.preconditioner}-PCG"
+    if res.solver.startswith("cgins"):
+        method = f"CGINS warm start + {method}"
     lines = [f"C^H (Voigt {','.join(names)}, engineering shear), {res.shape[0]}x{res.shape[1]}x{res.shape[2]}, "
-             f"{res.precision}, {res.preconditioner}-PCG:"]
+             f"{res.precision}, {method}:"]
     lines.append("      " + "".join(f"{n:>15s}" for n in names))
     for i in range(6):
         lines.append(f"  {names[i]:>4s}" + "".join(f"{res.C[i, j]:15.6e}" for j in range(6)))
@@ -138,6 +180,7 @@ def format_report(res) -> str:
     lines.append(f"  bulk modulus={eng['bulk_modulus']:.6g}  Zener ratio={eng['zener_ratio']:.6g}")
     lines.append(f"iterations per load case: {res.iterations}; max rel residual "
                  f"{max(res.residuals):.2e}; est. rel C^H error {res.error_estimate:.1e}; "
+                 f"{res.domain.get('ranks', 1)} rank(s); "
                  f"{'converged' if res.converged else 'NOT CONVERGED'}")
     lines.append(f"time: setup {res.times['setup']:.2f} s, solve {res.times['solve']:.2f} s, "
                  f"total {res.times['total']:.2f} s")
@@ -181,6 +224,14 @@ def main(argv=None) -> int:
         return EXIT_INPUT
 
     from solver.homogenize import homogenize
+    warm = None
+    if args.solver == "cgins":
+        try:
+            warm = cgins_warm_start(args)
+        except InputError as exc:
+            if rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_INPUT
     if rank == 0 and domain is None:
         try:
             from microstructures.io import percolates
@@ -193,10 +244,20 @@ def main(argv=None) -> int:
             pass
     progress = Progress(enabled=(rank == 0 and not args.quiet and (sys.stderr.isatty() or args.verbose)),
                         tty=sys.stderr.isatty())
-    res = homogenize(cell, rtol=args.rtol, ctol=args.ctol, maxiter=args.maxiter,
-                     precision=args.precision, device=args.device,
-                     preconditioner=args.preconditioner, soft=args.soft, domain=domain,
-                     callback=progress, keep_fields=args.fields)
+    if args.solver == "petsc":
+        from solver.petsc_ref import petsc_homogenize
+        res = petsc_homogenize(cell if size == 1 else args.cell, rtol=args.rtol, pc=args.petsc_pc,
+                               options=args.petsc_options.split() or None, soft=args.soft,
+                               maxiter=args.maxiter, keep_fields=args.fields)
+    else:
+        res = homogenize(cell, rtol=args.rtol, ctol=args.ctol, maxiter=args.maxiter,
+                         precision=args.precision, device=args.device,
+                         preconditioner=args.preconditioner, soft=args.soft, domain=domain,
+                         callback=progress, keep_fields=args.fields, x0=warm)
+        if warm is not None:
+            res.solver = "cgins+pcg"
+            res.extra.update(warm.provenance)
+            res.extra["time_inference"] = res.times.get("warm_start", 0.0)
     progress.close()
     disp = None
     if args.fields:

@@ -34,8 +34,12 @@ class PCGInfo:
         return all(self.converged)
 
 
-def _tail_estimate(decrements, window: int = 4) -> float:
-    """Estimate sum_{j>k} delta_j of a (roughly) geometric series from its last terms."""
+def _tail_estimate(decrements, window: int = 4, rho_fallback: float = math.inf) -> float:
+    """Estimate sum_{j>k} delta_j of a (roughly) geometric series from its last terms.
+    With a single term the ratio is ``rho_fallback`` (the squared residual reduction
+    of the step: energy decrements scale like squared residuals)."""
+    if len(decrements) == 1 and rho_fallback < 1.0:
+        return decrements[0] * rho_fallback / (1.0 - rho_fallback)
     if len(decrements) < 2:
         return math.inf
     w = min(window, len(decrements) - 1)
@@ -46,6 +50,11 @@ def _tail_estimate(decrements, window: int = 4) -> float:
     if rho >= 1.0:
         return math.inf
     return d_last * rho / (1.0 - rho)
+
+
+def _sq_ratio(a, b) -> float:
+    a, b = float(a), float(b)
+    return (a / b) ** 2 if b > 0 else math.inf
 
 
 def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
@@ -88,6 +97,7 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
     history = []
     est = [math.inf] * B
     rel = (op.dot(r, r).sqrt() / fnorm)
+    rel0 = rel.clone()
     k = 0
 
     def done_mask(rel, est_t):
@@ -119,7 +129,7 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
             if bool(active[b]):
                 iters[b] = k
                 decrements[b].append(float(alpha[b] * rz[b]))
-                tail = _tail_estimate(decrements[b])
+                tail = _tail_estimate(decrements[b], rho_fallback=_sq_ratio(rel[b], rel0[b]))
                 if energy0 is not None:
                     cii = float(energy0[b] + 2.0 * phi[b])
                     est[b] = tail / cii if cii > 0 else math.inf
@@ -143,7 +153,6 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
     conv = [not bool(a) for a in active.tolist()]
     energy_err = []
     for b in range(B):
-        t = _tail_estimate(decrements[b])
-        energy_err.append(t)
+        energy_err.append(_tail_estimate(decrements[b], rho_fallback=_sq_ratio(rel[b], rel0[b])))
     return x, PCGInfo(iterations=iters, residuals=res, converged=conv,
                       energy_error=energy_err, history=history)

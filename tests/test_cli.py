@@ -96,7 +96,7 @@ def test_unconverged_has_its_own_exit_status(tmp_path, capsys):
     p = str(tmp_path / "c.h5")
     ph = np.random.default_rng(0).integers(0, 2, size=(6, 6, 6)).astype(np.uint8)
     write_cell(Cell(ph, [1.0, 20.0], [0.3, 0.3]), p)
-    assert main([p, "--maxiter", "2", "-q"]) == EXIT_UNCONVERGED
+    assert main([p, "--maxiter", "2", "-q", "--preconditioner", "jacobi"]) == EXIT_UNCONVERGED
     assert "not converged" in capsys.readouterr().err
     r = read_result(str(tmp_path / "c.result.h5"))
     assert not bool(r["attrs"]["converged"])
@@ -108,7 +108,7 @@ def test_non_percolating_solid_warns(tmp_path, capsys):
     ph[2:5, 2:5, 2:5] = 1                       # an isolated cube inclusion in void
     p = str(tmp_path / "c.h5")
     write_cell(Cell(ph, [0.0, 1.0], [0.3, 0.3]), p)
-    main([p, "-q", "--maxiter", "50"])
+    main([p, "-q", "--maxiter", "50", "--preconditioner", "jacobi"])
     assert "does not percolate" in capsys.readouterr().err
 
 
@@ -143,3 +143,31 @@ def test_end_to_end_on_a_generated_cell(tmp_path):
     assert "res.h5:/displacement" in xdmf and xdmf.count("<Attribute") == 7
     # the result is marked with the tool's provenance
     assert a["version"] and a["convention"].startswith("Voigt")
+
+
+@pytest.mark.parametrize("extra", [["--solver", "petsc"], ["--solver", "petsc", "--petsc-pc", "jacobi"],
+                                   ["--preconditioner", "jacobi"], ["--precision", "float32"]])
+def test_solvers_agree_on_the_laminate(extra, tmp_path, capsys):
+    from test_solver import laminate_closed_form
+    ph = np.zeros((8, 4, 4), np.uint8)
+    ph[4:] = 1
+    p = str(tmp_path / "lam.h5")
+    write_cell(Cell(ph, [1.0, 10.0], [0.3, 0.3]), p)
+    rtol = "1e-7" if "float32" in extra else "1e-10"
+    assert main([p, "-q", "--rtol", rtol, "-o", str(tmp_path / "r.h5")] + extra) == EXIT_OK
+    r = read_result(str(tmp_path / "r.h5"))
+    ref = laminate_closed_form(isotropic_voigt(1.0, 0.3), isotropic_voigt(10.0, 0.3), 0.5)
+    tol = 1e-5 if "float32" in extra else 1e-8
+    assert np.abs(r["C"] - ref).max() <= tol * np.abs(ref).max()
+    assert r["attrs"]["solver"] == ("petsc" if "petsc" in extra else "pcg")
+
+
+def test_cgins_without_a_model_is_an_input_error(tmp_path, capsys):
+    p = str(tmp_path / "c.h5")
+    write_cell(Cell(two_phase(), [1.0, 2.0], [0.3, 0.3]), p)
+    assert main([p, "-q", "--solver", "cgins", "--model", str(tmp_path / "none.pt")]) == EXIT_INPUT
+    assert "no such checkpoint" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main([p, "-q", "--solver", "cgins", "--model", str(bad)]) == EXIT_INPUT
+    assert not os.path.exists(str(tmp_path / "c.result.h5"))
