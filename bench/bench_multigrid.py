@@ -36,7 +36,7 @@ def gyroid_sheet(n: int, vf: float = 0.25) -> np.ndarray:
     x = 2 * np.pi * (np.arange(n) + 0.5) / n
     X, Y, Z = np.meshgrid(x, x, x, indexing="ij")
     phi = np.abs(np.sin(X) * np.cos(Y) + np.sin(Y) * np.cos(Z) + np.sin(Z) * np.cos(X))
-    return (phi < np.quantile(phi, vf)).astype(np.uint8)
+    return (phi <= np.quantile(phi, vf)).astype(np.uint8)
 
 
 def octet_lattice(n: int, vf: float = 0.15) -> np.ndarray:
@@ -61,7 +61,7 @@ def octet_lattice(n: int, vf: float = 0.15) -> np.ndarray:
         t = ((rel * d[None]).sum(-1) / dd).clamp(0, 1)
         dist[i:i + (1 << 14)] = (rel - t[..., None] * d[None]).norm(dim=-1).min(1).values
     dist = dist.numpy().reshape(n, n, n)
-    return (dist < np.quantile(dist, vf)).astype(np.uint8)
+    return (dist <= np.quantile(dist, vf)).astype(np.uint8)
 
 
 def make_cell(name: str, n: int) -> np.ndarray:

@@ -11,3 +11,7 @@ torch.set_num_threads(int(os.environ.get("TEST_TORCH_THREADS", "1")))
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long runs, only with RUN_SLOW=1 (bench/ has the big ones)")
