@@ -128,6 +128,30 @@ def _write_log(path: str, rows: List[dict]):
     os.replace(tmp, path)
 
 
+def _mean_over_ranks(parts: dict, world: int, device) -> dict:
+    """Average the loss parts over the ranks: each rank's parts are means over its
+    equal share of the global batch, so the log holds global-batch means whatever the
+    number of ranks (DDP averages the gradients the same way)."""
+    import torch.distributed as dist
+
+    keys = list(parts)
+    t = torch.tensor([parts[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(keys, t.tolist())}
+
+
+def _check_same_step(step: int, device):
+    """Every rank must start from the same step (the same checkpoint); a rank that
+    sees another file (no shared file system) would silently train another model."""
+    import torch.distributed as dist
+
+    t = torch.tensor([step, -step], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise RuntimeError(f"ranks start from different steps ({-int(t[1])}..{int(t[0])}): is the "
+                           "checkpoint directory on a file system every rank sees?")
+
+
 def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: TrainConfig,
           loss_cfg: Optional[LossConfig] = None, rank: int = 0, world: int = 1,
           resume: bool = True, stop_after: Optional[int] = None,
@@ -151,6 +175,8 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
         opt.load_state_dict(ck["optimizer"])
         step, rows = int(ck["step"]), list(ck["log"])
         log.info("resumed %s at step %d", cfg.checkpoint, step)
+    if world > 1:
+        _check_same_step(step, cfg.device)
     sdt = DTYPES[cfg.solver_dtype]
     ops_cache = {}
 
@@ -173,6 +199,8 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
         out = model(ops)
         loss, parts = cgins_loss(ops, out, loss_cfg)
         loss.backward()
+        if world > 1:
+            parts = _mean_over_ranks(parts, world, cfg.device)
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip else 0.0
         opt.step()
         step += 1

@@ -1,0 +1,264 @@
+"""``python -m hpc.train configs/<name>.yaml``: train a CGINS model, one process or DDP.
+
+    python -m hpc.train configs/cgins_tiny.yaml --out runs/tiny
+    torchrun --nproc_per_node 2 -m hpc.train configs/cgins_default.yaml --out runs/r1
+    mpirun -n 4 python -m hpc.train configs/cgins_default.yaml --out runs/r1
+    srun python -m hpc.train configs/cgins_default.yaml --out runs/r1   (slurm/train.sbatch)
+
+Ranks, world size and rank 0's address come from the launcher's environment
+(hpc/distributed.py). With P ranks the model is wrapped in DistributedDataParallel and
+rank r trains on cells r, r + P, ... of each global batch (``train.batch_size`` cells,
+the same as in one process, divisible by P); every rank's loss is the mean over its
+own cells and DDP averages the gradients, so P ranks compute the gradient of the same
+global-batch mean as one process (model/train.py). Only rank 0 writes.
+
+Data (YAML ``data`` section, or flags):
+
+    data.train: DIR        sharded HDF5 made by ``python -m hpc.make_dataset`` (model/data.py);
+                           data.split / data.families filter the shards
+    data.generate: {...}   no files: generate the cells in memory with model.data's
+                           sampler (DataConfig fields: n, samples_per_family, seed, ...)
+    neither                generate in memory with DataConfig defaults and n =
+                           data.resolution (default 16)
+
+``--data DIR`` overrides data.train; ``--generate K`` (K cells per family) and
+``--resolution n`` force in-memory generation.
+
+Output directory (``--out``, default: the directory of train.checkpoint):
+
+    <out>/<checkpoint name>.pt      atomic, resumable (model, optimizer, step, log, configs)
+    <out>/<checkpoint name>.csv     loss log, one row per step (rewritten at each checkpoint)
+    <out>/config.yaml               the effective configuration (after the flags)
+
+A run resumes from <out>'s checkpoint unless ``--no-resume``. CPU runs are
+reproducible from ``train.seed`` (same thread count); CUDA runs are not bitwise
+(index_add_ in the sparse convolution's scatter uses atomics on CUDA). With in-memory
+generation every rank draws the same cells from the seed (cheap at small n; use
+shards for large sets: each rank then reads only its own cells).
+
+Exit status: 0 done, 2 bad configuration or data.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from hpc import distributed
+from model.train import build_model, load_config, train
+
+log = logging.getLogger("hpc.train")
+
+EXIT_OK, EXIT_CONFIG = 0, 2
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hpc.train",
+                                description="Train a CGINS model (label-free, minimum potential energy); "
+                                            "one process or DDP under torchrun / mpirun / srun.")
+    p.add_argument("config", help="YAML with model / loss / train / data sections (configs/cgins_*.yaml)")
+    p.add_argument("--out", help="output directory (checkpoint, loss log, config); "
+                                 "default: the directory of train.checkpoint")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the checkpoint in the output directory if there is one (default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: train.device of the config")
+    p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
+    p.add_argument("--seed", type=int, help="overrides train.seed")
+    p.add_argument("--batch-size", type=int, help="global batch (overrides train.batch_size)")
+    p.add_argument("--checkpoint-every", type=int, help="overrides train.checkpoint_every")
+    p.add_argument("--data", help="directory or glob of data-set shards (overrides data.train)")
+    p.add_argument("--generate", type=int, metavar="K",
+                   help="generate K cells per family in memory instead of reading shards")
+    p.add_argument("--resolution", type=int, help="voxels per axis of generated cells")
+    p.add_argument("--threads", type=int, help="torch CPU threads per rank (default: OMP_NUM_THREADS or torch's)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on rank 0 (default: when stderr is a terminal)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+# -- data -------------------------------------------------------------------------------
+class DatasetCells:
+    """A model.data.ShardedDataset seen as a sequence of Cells (what train() indexes)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, k):
+        return self.ds.cell(k)
+
+
+def generated_cells(spec: dict):
+    """Cells drawn in memory with model.data's sampler (same draws, from the same seed,
+    as ``python -m hpc.make_dataset`` with these DataConfig fields)."""
+    from microstructures.cell import Cell
+    from model.data import DataConfig, make_sample
+
+    cfg = DataConfig.from_dict(spec)
+    cells = []
+    for i in range(cfg.total):
+        phases, p = make_sample(cfg, i)
+        cells.append(Cell(phases, E=[0.0, p["E"]], nu=[p["nu"], p["nu"]], name=f"{p['family']}-{i}",
+                          generator="model.data"))
+    return cells
+
+
+def training_cells(data: dict, args):
+    """The training cells after the rules of the module docstring, and a description."""
+    data = dict(data or {})
+    root = args.data or (None if args.generate or args.resolution else data.get("train"))
+    if root:
+        from model.data import ShardedDataset, shard_files
+        if not shard_files(root):
+            raise ConfigError(f"no data-set shards at {root!r}: generate them with "
+                              "`python -m hpc.make_dataset configs/data_<name>.yaml`, or train on "
+                              "cells generated in memory with --generate K --resolution n")
+        ds = ShardedDataset(root, split=data.get("split"), families=data.get("families"))
+        if len(ds) == 0:
+            raise ConfigError(f"the shards at {root!r} hold no samples (split={data.get('split')!r}, "
+                              f"families={data.get('families')!r})")
+        return DatasetCells(ds), f"{len(ds)} cells from {root}"
+    spec = dict(data.get("generate") or {})
+    spec.setdefault("n", int(data.get("resolution", 16)))
+    if args.resolution:
+        spec["n"] = args.resolution
+    if args.generate:
+        spec["samples_per_family"] = args.generate
+    spec.setdefault("samples_per_family", 4)
+    cells = generated_cells(spec)
+    return cells, f"{len(cells)} cells generated in memory ({spec})"
+
+
+# -- the run ----------------------------------------------------------------------------
+class Progress:
+    """tqdm bar on rank 0 when enabled; otherwise a log line every ``every`` steps."""
+
+    def __init__(self, total: int, enabled: bool, every: int):
+        self.total, self.enabled, self.every = total, enabled, max(1, every)
+        self.bar = None
+
+    def __call__(self, step: int, row: dict):
+        if self.enabled:
+            if self.bar is None:
+                from tqdm import tqdm
+                self.bar = tqdm(total=self.total, initial=step - 1, unit="step", dynamic_ncols=True)
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{row['loss']:.4e}", refresh=False)
+        elif step % self.every == 0 or step == self.total:
+            log.info("step %d/%d  loss %.6e  energy_0 %.6e  grad_norm %.3e  lr %.3e", step, self.total,
+                     row["loss"], row.get("energy_0", float("nan")), row["grad_norm"], row["lr"])
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_yaml_atomic(path: str, d: dict):
+    import yaml
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(d, fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def configure(args):
+    """(model_cfg, loss_cfg, train_cfg, rest) from the YAML and the flags."""
+    try:
+        mc, lc, tc, rest = load_config(args.config)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    for flag, field in (("steps", "steps"), ("seed", "seed"), ("batch_size", "batch_size"),
+                        ("checkpoint_every", "checkpoint_every"), ("device", "device")):
+        v = getattr(args, flag)
+        if v is not None:
+            setattr(tc, field, v)
+    out = args.out or os.path.dirname(tc.checkpoint) or "."
+    stem = os.path.splitext(os.path.basename(tc.checkpoint))[0] or "cgins"
+    tc.checkpoint = os.path.join(out, stem + ".pt")
+    tc.log_file = os.path.join(out, stem + ".csv")
+    if len(lc.level_weights) < mc.levels:
+        raise ConfigError(f"loss.level_weights needs {mc.levels} entries, has {list(lc.level_weights)}")
+    return mc, lc, tc, rest
+
+
+def run(args) -> tuple:
+    """Train after ``args`` (build_parser()); returns (the bare CGINS model, last log row,
+    rank, world). Joins and leaves the process group."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mc, lc, tc, rest = configure(args)
+    dist_cfg = rest.get("distributed") or {}
+    launch = distributed.launch_info()
+    if tc.batch_size % launch.world:
+        # every rank reaches this before any collective: all exit with the same message
+        raise ConfigError(f"the global batch ({tc.batch_size}) must split evenly over {launch.world} ranks "
+                          f"(launcher {launch.launcher}); choose --batch-size as a multiple of {launch.world}")
+    rank, world, local_rank, device = distributed.init_distributed(
+        backend=dist_cfg.get("backend"), device=tc.device, master_port=dist_cfg.get("master_port"))
+    try:
+        tc.device = str(device)
+        cells, what = training_cells(rest.get("data"), args)
+        if rank == 0:
+            log.info("%s; %d rank(s) on %s; global batch %d (%d per rank); %d steps; out %s", what, world,
+                     device.type, tc.batch_size, tc.batch_size // world, tc.steps, os.path.dirname(tc.checkpoint))
+            os.makedirs(os.path.dirname(tc.checkpoint) or ".", exist_ok=True)
+            _write_yaml_atomic(os.path.join(os.path.dirname(tc.checkpoint) or ".", "config.yaml"), {
+                "model": mc.to_dict(), "loss": {"level_weights": list(lc.level_weights),
+                                                "mean_penalty": float(lc.mean_penalty)},
+                "train": dataclasses.asdict(tc), **rest,
+                "launch": {"world": world, "device": device.type, "cells": what}})
+        np.random.seed(tc.seed)
+        model = build_model(mc, tc)                    # seeded from train.seed: the same on every rank
+        net = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        show = args.progress if args.progress is not None else sys.stderr.isatty()
+        prog = Progress(tc.steps, enabled=bool(show), every=max(1, tc.steps // 20)) if rank == 0 else None
+        try:
+            row = train(net, cells, mc, tc, lc, rank=rank, world=world, resume=args.resume, progress=prog)
+        finally:
+            if prog is not None:
+                prog.close()
+        if rank == 0 and row:
+            log.info("done: step %d, loss %.6e; checkpoint %s, log %s", row["step"], row["loss"],
+                     tc.checkpoint, tc.log_file)
+        distributed.barrier()
+        return model, row, rank, world
+    finally:
+        distributed.shutdown()
+
+
+def setup_logging(verbose: bool = False):
+    """Console logging: INFO on rank 0, WARNING on the others (DEBUG everywhere with -v)."""
+    rank = distributed.launch_info().rank
+    logging.basicConfig(level=logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING),
+                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        run(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""`python -m hpc.train` end to end (issue 5 item 5): a tiny config on 8^3 cells, the
+checkpoint / log / config in --out, and resume after kill -9 == an uninterrupted run
+(bitwise on CPU)."""
+import contextlib
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+
+from hpc import distributed
+from hpc import train as hpc_train
+from model.train import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "cgins_tiny.yaml")
+LAUNCH_VARS = [v for _, *names in distributed.LAUNCHERS for v in names] + ["SLURM_STEP_ID", "MASTER_ADDR",
+                                                                            "MASTER_PORT"]
+
+
+def tiny_config(path, per_family=1, **train):
+    """configs/cgins_tiny.yaml with ``per_family`` generated 8^3 cells per family (3
+    families) and the given train overrides, written to ``path``."""
+    with open(TINY) as fh:
+        d = yaml.safe_load(fh)
+    d["train"].update(train)
+    d["data"] = {"generate": {"n": 8, "samples_per_family": per_family, "seed": 3}}
+    with open(path, "w") as fh:
+        yaml.safe_dump(d, fh)
+    return str(path)
+
+
+def clean_env(**extra):
+    """The environment of a child run: no launcher variables of our own, one thread."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **extra)
+    return env
+
+
+@contextlib.contextmanager
+def single_process_env():
+    """Run hpc.train in this process as a single rank, even inside a launcher's job."""
+    with mock.patch.dict(os.environ):
+        for k in LAUNCH_VARS:
+            os.environ.pop(k, None)
+        yield
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "hpc.train", *args], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def read_log(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cli_end_to_end(tmp_path):
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=4, checkpoint_every=2)
+    out = tmp_path / "run"
+    r = cli(cfg, "--out", str(out), "--seed", "5")
+    assert r.returncode == 0, r.stderr
+    ck = load_checkpoint(str(out / "cgins_tiny.pt"))
+    assert ck["step"] == 4 and ck["train_config"]["seed"] == 5
+    rows = read_log(out / "cgins_tiny.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    assert [float(r["loss"]) for r in rows] == pytest.approx([row["loss"] for row in ck["log"]], rel=1e-9)
+    eff = yaml.safe_load(open(out / "config.yaml"))
+    assert eff["train"]["steps"] == 4 and eff["train"]["checkpoint"] == str(out / "cgins_tiny.pt")
+    assert not [f for f in os.listdir(out) if "tmp" in f]
+    assert "done: step 4" in r.stderr
+
+
+def test_bad_config_and_uneven_batch_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with single_process_env():
+        assert hpc_train.main([str(bad), "--out", str(tmp_path / "b")]) == hpc_train.EXIT_CONFIG
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=1, batch_size=3)
+    with mock.patch.dict(os.environ, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}):
+        # refused before any process group is joined (no rendezvous, no hang)
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "u")]) == hpc_train.EXIT_CONFIG
+    with single_process_env():
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "m"), "--data",
+                               str(tmp_path / "nowhere")]) == hpc_train.EXIT_CONFIG
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    steps = 16
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=steps, checkpoint_every=4)
+    # the uninterrupted run, in this process (one thread, like the children)
+    with single_process_env():
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "full")]) == 0
+    full = load_checkpoint(str(tmp_path / "full" / "cgins_tiny.pt"))
+
+    out = tmp_path / "cut"
+    ck_path = out / "cgins_tiny.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "hpc.train", cfg, "--out", str(out)], cwd=ROOT,
+                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not ck_path.exists() and proc.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1]
+    assert ck_path.exists(), err
+    killed_at = load_checkpoint(str(ck_path))["step"]
+    assert 0 < killed_at < steps, f"the run was not interrupted (checkpoint at step {killed_at})"
+
+    r = cli(cfg, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"at step {killed_at}" in r.stderr             # it did resume, not restart
+    resumed = load_checkpoint(str(ck_path))
+    assert resumed["step"] == steps
+    for k, a in full["model"].items():
+        assert torch.equal(a, resumed["model"][k]), k
+    assert resumed["log"] == full["log"]
+    assert read_log(out / "cgins_tiny.csv") == read_log(tmp_path / "full" / "cgins_tiny.csv")
+
+
+def test_no_resume_starts_over(tmp_path):
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=2, checkpoint_every=1)
+    with single_process_env():
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "r")]) == 0
+        first = load_checkpoint(str(tmp_path / "r" / "cgins_tiny.pt"))
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "r"), "--steps", "3"]) == 0
+        assert load_checkpoint(str(tmp_path / "r" / "cgins_tiny.pt"))["step"] == 3
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "r"), "--no-resume"]) == 0
+    again = load_checkpoint(str(tmp_path / "r" / "cgins_tiny.pt"))
+    assert again["step"] == 2
+    for k, a in first["model"].items():                  # seeded: the same first two steps
+        assert torch.equal(a, again["model"][k]), k
+
+
+def test_sharded_dataset_trains_like_the_same_cells_in_memory(tmp_path):
+    """--data reads model.data shards; they hold the cells that in-memory generation
+    draws from the same DataConfig, so both runs end with the same weights."""
+    from model.data import DataConfig, generate
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=2, checkpoint_every=2)
+    spec = yaml.safe_load(open(cfg))["data"]["generate"]
+    generate(DataConfig(**spec, shard_size=2, out_dir=str(tmp_path / "shards")), workers=0)
+    assert len(os.listdir(tmp_path / "shards")) == 2
+    with single_process_env():
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "mem")]) == 0
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "h5"), "--data", str(tmp_path / "shards")]) == 0
+    assert yaml.safe_load(open(tmp_path / "h5" / "config.yaml"))["launch"]["cells"] == \
+        f"3 cells from {tmp_path / 'shards'}"
+    a = load_checkpoint(str(tmp_path / "mem" / "cgins_tiny.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "h5" / "cgins_tiny.pt"))["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
