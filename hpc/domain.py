@@ -52,14 +52,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-try:  # mpi4py is optional for the package, required for this module's use
-    from mpi4py import MPI
-except ImportError:  # pragma: no cover - reported when an MPIDomain is built
-    MPI = None
+# mpi4py is imported when the first MPIDomain is built (importing it initialises MPI;
+# block_starts and multigrid_alignment stay usable without it)
+MPI = None
 
 log = logging.getLogger(__name__)
-
-_GATHER_TAG = 1 << 14
 
 
 class CoarseningError(ValueError):
@@ -80,10 +77,41 @@ def block_starts(n: int, p: int, align: int = 1) -> list:
     return [min(n, align * (c * q + min(c, r))) for c in range(p)] + [n]
 
 
+def multigrid_alignment(global_shape, dims, max_coarse: int = 512, min_axis: int = 4,
+                        max_levels: int = 12) -> tuple:
+    """Per-axis block alignment 2**L_ax for solver.multigrid's default hierarchy.
+
+    Replays build_multigrid's coarsening (halve every axis with >= ``min_axis`` cells
+    while the grid has > ``max_coarse`` nodes) to count the coarsenings L_ax of each
+    axis; blocks aligned to 2**L_ax make every coarse level the fine blocks halved
+    (MPIDomain.coarsen). The alignment is lowered where an axis would not split into
+    ``dims[ax]`` blocks. Price: blocks may differ by up to 2**L_ax cells."""
+    from solver.transfer import coarse_shape
+    shape, levels = tuple(int(n) for n in global_shape), [0, 0, 0]
+    for _ in range(max_levels - 1):
+        r = tuple(2 if n >= min_axis else 1 for n in shape)
+        if int(np.prod(shape)) <= max_coarse or r == (1, 1, 1):
+            break
+        levels = [lv + (ri == 2) for lv, ri in zip(levels, r)]
+        shape = coarse_shape(shape, r)
+    align = []
+    for n, p, lv in zip(global_shape, dims, levels):
+        a = 2 ** lv
+        while a > 1 and -(-int(n) // a) < int(p):
+            a //= 2
+        align.append(a)
+    return tuple(align)
+
+
 def _check_mpi():
+    global MPI
     if MPI is None:
-        raise ImportError("mpi4py is not installed: install openmpi-bin python3-mpi4py "
-                          "(or pip install mpi4py) to run distributed")
+        try:
+            from mpi4py import MPI as _MPI
+        except ImportError:
+            raise ImportError("mpi4py is not installed: install openmpi-bin python3-mpi4py "
+                              "(or pip install mpi4py) to run distributed") from None
+        MPI = _MPI
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -101,8 +129,9 @@ class MPIDomain:
         existing periodic Cartesian communicator with 3 dims (then ``dims`` is taken
         from it).
     dims : process grid (p_x, p_y, p_z); zeros are filled by ``MPI.Compute_dims``.
-    align : every block start is a multiple of ``align`` (use 2**levels for a
-        multigrid hierarchy distributed on the same process grid; see ``coarsen``).
+    align : every block start is a multiple of ``align`` (int or per axis); use
+        2**levels for a multigrid hierarchy distributed on the same process grid
+        (see ``coarsen``), or ``"multigrid"`` for ``multigrid_alignment``'s choice.
     """
 
     def __init__(self, global_shape, comm, dims: Optional[Sequence[int]] = None, align=1,
@@ -133,6 +162,10 @@ class MPIDomain:
         if int(np.prod(self.dims)) != self.size:
             raise ValueError(f"dims {self.dims} do not multiply to {self.size} ranks")
         self.coords = tuple(self.cart.Get_coords(self.rank))
+        if isinstance(align, str):
+            if align != "multigrid":
+                raise ValueError(f"align must be an int, 3 ints or 'multigrid', got {align!r}")
+            align = multigrid_alignment(self.global_shape, self.dims)
         align = tuple(int(a) for a in np.broadcast_to(align, (3,)))
         self.align = align
         if _starts is None:

@@ -135,7 +135,7 @@ def _validate_global(comm, local: np.ndarray, E, nu, size, dtype):
     Cell(phases=used.reshape(-1, 1, 1), E=E, nu=nu, size=size).validate()
 
 
-def setup_parallel(path_or_cell, comm=None, dims=None, align=1, E=None, nu=None, size=None):
+def setup_parallel(path_or_cell, comm=None, dims=None, align="multigrid", E=None, nu=None, size=None):
     """(domain, local cell) for this process.
 
     ``path_or_cell``: an HDF5 cell file (DESIGN.md s.4), a ``.npy`` phase array (give
@@ -144,6 +144,10 @@ def setup_parallel(path_or_cell, comm=None, dims=None, align=1, E=None, nu=None,
     validated cell). With more: (MPIDomain(global shape, comm, dims, align), Cell
     whose ``phases`` is the rank's block ``domain.local_slice`` and whose E, nu and
     size are the global ones). ``E``, ``nu``, ``size`` override the file's values.
+    ``align`` defaults to "multigrid": blocks aligned so that solver.multigrid's
+    levels stay on the same process grid (hpc.domain.multigrid_alignment); align=1
+    gives the plain "first n % p blocks one larger" split (best balance for Jacobi
+    when n is not a multiple of the rank count).
     Raises CellError on every rank alike for an invalid cell.
     """
     if comm is None:

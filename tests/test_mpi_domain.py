@@ -1,0 +1,151 @@
+"""The MPI Domain (issue 4): the serial numerics run distributed, unchanged.
+
+The checks run under ``mpirun -n P`` (P = 1, 2, 3, 4, 8) in tests/mpi/check_domain.py;
+each run writes a JSON report that the tests below read. Oracles: the periodic wrap
+of the global array (halo), the periodic fold of every rank's ghosted field
+(accumulate) and adjointness <ghost x, y> = <x, accumulate y>, the serial operator,
+the global field (gather), and the same C^H and iteration counts on every rank count.
+Missing MPI is a failure, not a skip.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(HERE, "mpi"))
+
+from cells import gyroid_cell, write_h5  # noqa: E402
+from hpc.domain import block_starts, multigrid_alignment  # noqa: E402
+
+RANKS = (1, 2, 3, 4, 8)
+INSTALL = "MPI is required: install openmpi-bin python3-mpi4py"
+
+
+def _mpi_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+    env.update(OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=ROOT)
+    return env
+
+
+def mpirun(n, *args, timeout=300):
+    """(returncode, stdout, stderr, seconds) of ``mpirun -n n python args``."""
+    exe = shutil.which("mpirun") or shutil.which("mpiexec")
+    if exe is None:
+        pytest.fail(f"mpirun not found: {INSTALL}")
+    cmd = [exe, "--allow-run-as-root", "--oversubscribe", "-n", str(n), sys.executable, *args]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_mpi_env(), cwd=ROOT)
+    return p.returncode, p.stdout, p.stderr, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def mpi_available():
+    try:
+        import mpi4py  # noqa: F401  (not mpi4py.MPI: that would initialise MPI in pytest)
+    except ImportError:
+        pytest.fail(f"mpi4py not importable: {INSTALL}")
+    if shutil.which("mpirun") is None and shutil.which("mpiexec") is None:
+        pytest.fail(f"mpirun not found: {INSTALL}")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory, mpi_available):
+    """JSON report of tests/mpi/check_domain.py per rank count, run once each."""
+    d = tmp_path_factory.mktemp("mpi")
+    cell = gyroid_cell((24, 24, 24))
+    write_h5(d / "cell.h5", cell)
+    cell.phases = cell.phases.copy()
+    cell.phases[-1, -1, -1] = 5            # a phase without material, in the last rank's block
+    write_h5(d / "bad.h5", cell)
+    cache = {}
+
+    def get(n):
+        if n not in cache:
+            out = d / f"report{n}.json"
+            extra = ["--mg"] if n in (1, 8) else []
+            rc, so, se, _ = mpirun(n, os.path.join(HERE, "mpi", "check_domain.py"), str(out),
+                                   str(d / "cell.h5"), str(d / "bad.h5"), *extra)
+            assert rc == 0, f"check_domain.py on {n} ranks failed (rc {rc}):\n{so[-3000:]}\n{se[-3000:]}"
+            cache[n] = json.loads(out.read_text())
+        return cache[n]
+    return get
+
+
+# -- pure layout rules (no MPI) ----------------------------------------------------------
+def test_block_rule_first_blocks_one_larger():
+    assert block_starts(10, 3) == [0, 4, 7, 10]
+    assert block_starts(9, 3) == [0, 3, 6, 9]
+    assert block_starts(5, 5) == [0, 1, 2, 3, 4, 5]
+    assert block_starts(40, 3, align=8) == [0, 16, 32, 40]      # 5 units of 8: 2, 2, 1
+    assert block_starts(41, 3, align=4) == [0, 16, 32, 41]      # 11 units: 4, 4, 3, the last short
+    with pytest.raises(ValueError):
+        block_starts(2, 3)
+
+
+def test_multigrid_alignment_covers_every_coarsening():
+    from solver.transfer import coarse_shape
+    for shape, dims in [((40, 36, 32), (3, 1, 1)), ((24, 24, 24), (2, 2, 2)), ((64, 64, 64), (4, 2, 1))]:
+        align = multigrid_alignment(shape, dims)
+        starts = [block_starts(n, p, a) for n, p, a in zip(shape, dims, align)]
+        s = shape
+        while np.prod(s) > 512:                         # build_multigrid's default rule
+            r = tuple(2 if n >= 4 else 1 for n in s)
+            for ax in range(3):
+                if r[ax] == 2:
+                    assert all(v % 2 == 0 for v in starts[ax][:-1]), (shape, dims, ax, starts[ax])
+                    starts[ax] = [v // 2 for v in starts[ax][:-1]] + [-(-s[ax] // 2)]
+            s = coarse_shape(s, r)
+
+
+# -- distributed ---------------------------------------------------------------------------
+@pytest.mark.parametrize("n", RANKS)
+def test_halo_exchange_and_accumulate(reports, n):
+    rep = reports(n)
+    bad = [h for h in rep["halo"] if not h["ok"]]
+    assert not bad, f"{len(bad)} halo cases failed, e.g. {bad[:3]}"
+    kinds = {sum(d > 1 for d in h["dims"]) for h in rep["halo"]}
+    expect = {1: {0}, 2: {1}, 3: {1}, 4: {1, 2}, 8: {1, 2, 3}}[n]
+    assert expect <= kinds                                  # 1-D, 2-D, 3-D process grids
+    assert {(h["lo"], h["hi"]) for h in rep["halo"]} >= {(0, 1), (2, 2), (2, 0), (1, 2)}
+    assert any(min(np.array(h["shape"]) // np.array(h["dims"])) == 1 and h["lo"] == 2
+               for h in rep["halo"])                        # ghost wider than a block
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_operator_apply_matches_serial(reports, n):
+    for r in reports(n)["operator"]:
+        assert r["rel_err"] < 1e-13, r
+
+
+@pytest.mark.parametrize("n", RANKS)
+def test_block_reading_gather_and_collective_validation(reports, n):
+    rep = reports(n)
+    assert rep["gather_ok"]
+    assert rep["describe"]["ranks"] == n
+    assert rep["bad_cell"]["messages_equal"], "ranks disagree on the cell's validity"
+    assert "phase id 5" in (rep["bad_cell"]["message"] or ""), rep["bad_cell"]
+
+
+@pytest.mark.parametrize("n", RANKS[1:])
+def test_chom_and_iterations_equal_across_rank_counts(reports, n):
+    ref, rep = reports(1)["chom"], reports(n)["chom"]
+    for name, r in rep.items():
+        C0, C = np.array(ref[name]["C"]), np.array(r["C"])
+        assert np.linalg.norm(C - C0) <= 1e-10 * np.linalg.norm(C0), (name, n)
+        assert r["iterations"] == ref[name]["iterations"], (name, n)
+    assert "h5_mg" in reports(1)["chom"]                    # the multigrid was exercised
+
+
+def test_exception_on_one_rank_ends_all_ranks(mpi_available):
+    rc, so, se, t = mpirun(4, os.path.join(HERE, "mpi", "raise_on_rank.py"), timeout=120)
+    assert rc != 0
+    assert "rank 1: ValueError: boom on purpose in rank 1" in se, se[-2000:]
+    assert t < 30, f"the job took {t:.0f} s to end"
