@@ -289,5 +289,14 @@ def main(argv=None) -> int:
     return EXIT_OK if res.converged else EXIT_UNCONVERGED
 
 
+def cli(argv=None) -> int:
+    """main() under MPI: an exception on any rank aborts all ranks with that rank's
+    message (no rank left waiting in a collective)."""
+    if _world()[1] > 1:
+        from hpc.parallel import run_collectively
+        return run_collectively(main, argv)
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

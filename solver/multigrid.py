@@ -132,10 +132,11 @@ def galerkin_element_matrices(op, ratios, cshape) -> torch.Tensor:
             # P^T (lam K_lam + mu K_mu) P = lam (P^T K_lam P) + mu (P^T K_mu P)
             Pl = P.T @ torch.as_tensor(op._K_lam_np, dtype=op.dtype, device=op.device) @ P
             Pm = P.T @ torch.as_tensor(op._K_mu_np, dtype=op.dtype, device=op.device) @ P
-            ke[cbox] += op.lam[fbox][..., None, None] * Pl + op.mu[fbox][..., None, None] * Pm
+            kv = ke[cbox]                                   # a view: accumulate in place
+            kv.addcmul_(op.lam[fbox][..., None, None], Pl)
+            kv.addcmul_(op.mu[fbox][..., None, None], Pm)
         else:
-            kc = op.ke[fbox]
-            ke[cbox] += P.T @ kc @ P
+            ke[cbox] += P.T @ op.ke[fbox] @ P
     return ke
 
 

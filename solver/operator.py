@@ -53,7 +53,7 @@ class ElasticityOperator:
     chunk : voxels x load cases per apply slab (bounds the (B, 25, slab) temporary).
     """
 
-    def __init__(self, lam: torch.Tensor, mu: torch.Tensor, h, domain=None, chunk: int = 1 << 22):
+    def __init__(self, lam: torch.Tensor, mu: torch.Tensor, h, domain=None, chunk: int = 1 << 20):
         self.domain = domain if domain is not None else SerialDomain(lam.shape)
         if tuple(lam.shape) != tuple(self.domain.local_shape):
             raise ValueError(f"material shape {tuple(lam.shape)} != local block {self.domain.local_shape}")
@@ -108,7 +108,9 @@ class ElasticityOperator:
 
     def _slabs(self, B: int):
         lx, ly, lz = self.domain.local_shape
-        per_x = max(1, self.chunk // max(1, ly * lz * B))
+        # at most `chunk` voxel-cases and at most a quarter of the block per slab, so
+        # the slab temporaries shrink with the block when the grid is decomposed
+        per_x = max(1, min(self.chunk // max(1, ly * lz * B), -(-lx // 4)))
         for x0 in range(0, lx, per_x):
             yield x0, min(lx, x0 + per_x)
 
@@ -144,18 +146,29 @@ class ElasticityOperator:
 
     def assemble_voxel_vectors(self, ve: torch.Tensor) -> torch.Tensor:
         """Assemble per-voxel element vectors (B, 24, l_x, l_y, l_z) into nodes."""
+        return self.assemble(lambda x0, x1: ve[:, :, x0:x1], ve.shape[0])
+
+    def assemble(self, element_vectors, B: int) -> torch.Tensor:
+        """Assemble element vectors made slab by slab: ``element_vectors(x0, x1)``
+        returns (B, 24, x1 - x0, l_y, l_z) for voxels [x0, x1); memory stays at one
+        slab of element vectors plus the nodal field."""
         lx, ly, lz = self.domain.local_shape
-        yg = torch.zeros(ve.shape[0], 3, lx + 1, ly + 1, lz + 1, dtype=ve.dtype, device=ve.device)
-        self.scatter(ve, yg, 0)
+        yg = torch.zeros(B, 3, lx + 1, ly + 1, lz + 1, dtype=self.dtype, device=self.device)
+        for x0, x1 in self._slabs(8 * B):
+            self.scatter(element_vectors(x0, x1), yg, x0)
         return self.domain.accumulate(yg, hi=1).contiguous(memory_format=torch.channels_last_3d)
+
+    def _lame_combination(self, al: np.ndarray, am: np.ndarray):
+        """(x0, x1) -> lambda_e al + mu_e am on the voxel slab, for rows al, am (B, 24)."""
+        tl = torch.as_tensor(np.ascontiguousarray(al), dtype=self.dtype, device=self.device)[:, :, None, None, None]
+        tm = torch.as_tensor(np.ascontiguousarray(am), dtype=self.dtype, device=self.device)[:, :, None, None, None]
+        return lambda x0, x1: tl * self.lam[x0:x1] + tm * self.mu[x0:x1]
 
     def diagonal(self) -> torch.Tensor:
         """diag(K) as a nodal field (1, 3, l_x, l_y, l_z)."""
         if self._diag is None:
-            dl = torch.as_tensor(np.diag(self._K_lam_np).copy(), dtype=self.dtype, device=self.device)
-            dm = torch.as_tensor(np.diag(self._K_mu_np).copy(), dtype=self.dtype, device=self.device)
-            ve = dl[:, None, None, None] * self.lam + dm[:, None, None, None] * self.mu
-            self._diag = self.assemble_voxel_vectors(ve[None])
+            vf = self._lame_combination(np.diag(self._K_lam_np)[None], np.diag(self._K_mu_np)[None])
+            self._diag = self.assemble(vf, 1)
         return self._diag
 
     def rhs(self, absolute: bool = False) -> torch.Tensor:
@@ -164,12 +177,8 @@ class ElasticityOperator:
         ``absolute=True`` assembles |k_e chi0^i_e| instead: the scale against which
         a cancelling f (a homogeneous cell has f = 0) is judged to be zero."""
         U0 = affine_element_displacements(self.h)                      # (6, 24)
-        fl = torch.as_tensor(U0 @ self._K_lam_np, dtype=self.dtype, device=self.device)
-        fm = torch.as_tensor(U0 @ self._K_mu_np, dtype=self.dtype, device=self.device)
-        ve = fl[:, :, None, None, None] * self.lam + fm[:, :, None, None, None] * self.mu
-        if absolute:
-            ve = ve.abs()
-        return self.assemble_voxel_vectors(ve)
+        vf = self._lame_combination(U0 @ self._K_lam_np, U0 @ self._K_mu_np)
+        return self.assemble((lambda x0, x1: vf(x0, x1).abs()) if absolute else vf, 6)
 
     def mean_stiffness(self) -> torch.Tensor:
         """Voigt average <C> over the global cell (6, 6), float64: sum_e chi0^T k_e chi0 / |Omega|."""

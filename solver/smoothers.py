@@ -28,9 +28,7 @@ def estimate_lambda_max(op, dinv: torch.Tensor, steps: int = 12, seed: int = 0) 
 
     The right-hand side b = K x_rand lies in range(K), so the translations (null
     space) never enter. Reductions are float64 and go through ``op.dot`` (Domain.sum)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (1, 3) + tuple(op.domain.local_shape)
-    x = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype=dinv.dtype, device=dinv.device)
+    x = global_hash_field(op.domain, seed).to(dtype=dinv.dtype, device=dinv.device)
     r = op.apply(x - 0.5)
     z = dinv * r
     p = z.clone()
@@ -61,6 +59,22 @@ def estimate_lambda_max(op, dinv: torch.Tensor, steps: int = 12, seed: int = 0) 
         if j + 1 < k:
             T[j, j + 1] = T[j + 1, j] = math.sqrt(betas[j]) / alphas[j]
     return float(np.linalg.eigvalsh(T).max())
+
+
+def global_hash_field(domain, seed: int = 0) -> torch.Tensor:
+    """A fixed pseudo-random field (1, 3, l_x, l_y, l_z) in [0, 1) that depends only on
+    the global node index and component, so every decomposition sees the same
+    global vector (reproducible eigenvalue estimates across rank counts)."""
+    nx, ny, nz = domain.global_shape
+    axes = [torch.arange(s, s + n, dtype=torch.int64) for s, n in zip(domain.local_start, domain.local_shape)]
+    i, j, k = torch.meshgrid(*axes, indexing="ij")
+    idx = (((i * ny + j) * nz + k) * 3)[None] + torch.arange(3)[:, None, None, None]
+    # integer hash (splitmix-style constants, kept within int64), then to [0, 1)
+    h = (idx + 0x9E3779B9 * (seed + 1)) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return (h.to(torch.float64) / 2.0 ** 32)[None]
 
 
 class Smoother:

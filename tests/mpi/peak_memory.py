@@ -1,0 +1,33 @@
+"""Peak RSS per rank of hpc.homogenize's path (block read, operator, multigrid set-up,
+a few PCG iterations) on a file cell; prints one JSON line on rank 0.
+
+    mpirun -n P python tests/mpi/peak_memory.py cell.h5 [precision] [preconditioner]
+"""
+import json
+import resource
+import sys
+
+from mpi4py import MPI
+
+from hpc.parallel import setup_parallel
+from solver.homogenize import homogenize
+
+
+def main():
+    path = sys.argv[1]
+    precision = sys.argv[2] if len(sys.argv) > 2 else "float64"
+    pc = sys.argv[3] if len(sys.argv) > 3 else "multigrid"
+    comm = MPI.COMM_WORLD
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    domain, cell = setup_parallel(path, comm=comm)
+    res = homogenize(cell, rtol=1e-12, maxiter=3, precision=precision, preconditioner=pc, domain=domain)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peaks = comm.gather(peak, root=0)
+    bases = comm.gather(base, root=0)
+    if comm.rank == 0:
+        print(json.dumps({"ranks": comm.size, "peak_mb": peaks, "import_mb": bases,
+                          "C11": float(res.C[0, 0])}))
+
+
+if __name__ == "__main__":
+    main()
