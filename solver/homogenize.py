@@ -90,7 +90,6 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
     h = tuple(float(s) / n for s, n in zip(cell.size, shape))
     op = ElasticityOperator.from_phases(phases, cell.E, cell.nu, h, soft=soft, domain=domain,
                                         dtype=dtype, device=dev)
-    f = op.rhs()
     fscale = op.dot(*(2 * (op.rhs(absolute=True),))).sqrt()
     energy0 = torch.diagonal(op.mean_stiffness()) * op.volume
     M = _default_preconditioner(op, preconditioner)
@@ -104,7 +103,7 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_warm = time.perf_counter() - tw
-    chi, info = pcg(op, f, x0=x0, precond=M, rtol=rtol, ctol=ctol, maxiter=maxiter,
+    chi, info = pcg(op, op.rhs(), x0=x0, precond=M, rtol=rtol, ctol=ctol, maxiter=maxiter,
                     energy0=energy0, callback=callback, fscale=fscale)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
