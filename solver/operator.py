@@ -108,9 +108,11 @@ class ElasticityOperator:
 
     def _slabs(self, B: int):
         lx, ly, lz = self.domain.local_shape
-        # at most `chunk` voxel-cases and at most a quarter of the block per slab, so
-        # the slab temporaries shrink with the block when the grid is decomposed
-        per_x = max(1, min(self.chunk // max(1, ly * lz * B), -(-lx // 4)))
+        # at most `chunk` voxel-cases per slab; a block that needs slabs at all gets at
+        # least four, so the temporaries shrink with the block when it is decomposed
+        per_x = max(1, self.chunk // max(1, ly * lz * B))
+        if per_x < lx:
+            per_x = min(per_x, -(-lx // 4))
         for x0 in range(0, lx, per_x):
             yield x0, min(lx, x0 + per_x)
 

@@ -76,7 +76,7 @@ def test_operator_equals_assembled_matrix(shape, chunk, rng):
     E, nu = [0.0, 1.0, 10.0], [0.3, 0.2, 0.35]
     h = (0.9, 1.1, 1.3)
     op = ElasticityOperator.from_phases(ph, E, nu, h, chunk=chunk)
-    assert len(list(op._slabs(6))) == (1 if chunk > 1000 else 4)
+    assert (len(list(op._slabs(6))) > 1) == (chunk < 1000)
     K, Fm, _ = assemble(ph, E, nu, h)
     u = torch.randn(6, 3, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = op.apply(u)
