@@ -50,10 +50,11 @@ class ElasticityOperator:
         from them).
     h : voxel size (h_x, h_y, h_z).
     domain : SerialDomain or an MPI domain with the same interface.
-    chunk : voxels x load cases per apply slab (bounds the (B, 25, slab) temporary).
+    chunk : voxels x load cases per apply slab (bounds the (B, 25, slab) temporary;
+        small slabs stay in cache: 2^17 measured fastest on CPU, BENCHMARKS.md).
     """
 
-    def __init__(self, lam: torch.Tensor, mu: torch.Tensor, h, domain=None, chunk: int = 1 << 20):
+    def __init__(self, lam: torch.Tensor, mu: torch.Tensor, h, domain=None, chunk: int = 1 << 17):
         self.domain = domain if domain is not None else SerialDomain(lam.shape)
         if tuple(lam.shape) != tuple(self.domain.local_shape):
             raise ValueError(f"material shape {tuple(lam.shape)} != local block {self.domain.local_shape}")
@@ -194,9 +195,18 @@ class ElasticityOperator:
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per-load-case global dot products (B,), float64.
 
-        Partial sums over (y, z) planes in the storage precision (cascade
-        summation), then float64 across planes and ranks."""
-        return self.domain.sum((a * b).sum(dim=(3, 4)).to(torch.float64).sum(dim=(1, 2)))
+        Partial dot products over short rows (one z-line of nodes, 3 l_z values) in
+        the storage precision, then float64 across rows and ranks."""
+        cl = torch.channels_last_3d
+        if a.dim() == 5 and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl) \
+                and a.shape == b.shape:
+            B, C, X, Y, Z = a.shape
+            ra = a.permute(0, 2, 3, 4, 1).reshape(B * X * Y, 1, Z * C)
+            rb = b.permute(0, 2, 3, 4, 1).reshape(B * X * Y, Z * C, 1)
+            part = torch.bmm(ra, rb).reshape(B, X * Y)
+        else:
+            part = (a * b).sum(dim=(1, 4)).reshape(a.shape[0], -1)
+        return self.domain.sum(part.to(torch.float64).sum(dim=1))
 
     def gram(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """G_ij = <a_i, b_j> over the global grid, (B, B) float64."""
@@ -206,7 +216,12 @@ class ElasticityOperator:
 
     def project_mean_free(self, x: torch.Tensor) -> torch.Tensor:
         """Remove the global mean of each component of each load case (in place)."""
-        s = self.domain.sum(x.sum(dim=(3, 4)).to(torch.float64).sum(dim=2))
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            B, C, X = x.shape[:3]
+            part = x.permute(0, 2, 3, 4, 1).reshape(B, X, -1, C).sum(dim=2)      # (B, X, C)
+            s = self.domain.sum(part.to(torch.float64).sum(dim=1))
+        else:
+            s = self.domain.sum(x.sum(dim=(3, 4)).to(torch.float64).sum(dim=2))
         x -= (s / self.domain.n_global).to(x.dtype)[:, :, None, None, None]
         return x
 
