@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(applied under the prefix homog_)")
     p.add_argument("--model", default=None,
                    help="CGINS checkpoint for --solver cgins (default: models/cgins_default.pt)")
+    p.add_argument("--groups", type=int, default=1, choices=[1, 2, 3, 6],
+                   help="solve the 6 load cases in this many groups (less memory; default 1)")
     p.add_argument("--soft", type=float, default=1e-6, help="void stiffness as a fraction of max E (default 1e-6)")
     p.add_argument("--E", type=float, nargs="+", help="Young's moduli per phase (.npy input)")
     p.add_argument("--nu", type=float, nargs="+", help="Poisson ratios per phase (.npy input)")
@@ -253,7 +255,7 @@ def main(argv=None) -> int:
         res = homogenize(cell, rtol=args.rtol, ctol=args.ctol, maxiter=args.maxiter,
                          precision=args.precision, device=args.device,
                          preconditioner=args.preconditioner, soft=args.soft, domain=domain,
-                         callback=progress, keep_fields=args.fields, x0=warm)
+                         callback=progress, keep_fields=args.fields, x0=warm, groups=args.groups)
         if warm is not None:
             res.solver = "cgins+pcg"
             res.extra.update(warm.provenance)

@@ -18,7 +18,7 @@ import torch
 from .domain import SerialDomain
 from .materials import engineering_constants
 from .operator import ElasticityOperator
-from .pcg import pcg
+from .pcg import PCGInfo, pcg
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ def _default_preconditioner(op, name: str):
 def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: int = 20000,
                precision: str = "float64", device: str = "cpu", preconditioner: str = "jacobi",
                soft: float = 1e-6, domain=None, x0: Optional[torch.Tensor] = None,
-               callback: Optional[Callable] = None, keep_fields: bool = False) -> HomogenizationResult:
+               callback: Optional[Callable] = None, keep_fields: bool = False,
+               groups: int = 1, flush_denormal: bool = True) -> HomogenizationResult:
     """Effective stiffness C^H of a periodic cell (DESIGN.md section 2).
 
     ``cell`` has ``phases`` (the owned block when ``domain`` is distributed), ``E``,
@@ -77,10 +78,20 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
     ``x0`` is an initial guess (6, 3, l_x, l_y, l_z) or a callable ``x0(op)`` that makes
     one (e.g. a trained CGINS network: its time is reported as times['warm_start']);
     the answer does not depend on it, only the iteration count.
+    ``groups`` > 1 solves the six load cases in that many groups one after another
+    (the PCG vectors shrink to 6/groups cases; the operator and preconditioner are
+    shared): for when memory is short.
+    ``flush_denormal`` sets the CPU's flush-to-zero mode (torch.set_flush_denormal),
+    process-wide: soft-void products underflow into denormal floats, which made the
+    float32 apply 3x slower here (BENCHMARKS.md); values below 1.2e-38 become 0.
     """
+    if groups not in (1, 2, 3, 6):
+        raise ValueError(f"groups must be 1, 2, 3 or 6, got {groups}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     t0 = time.perf_counter()
+    if flush_denormal:
+        torch.set_flush_denormal(True)
     dtype = PRECISIONS[precision]
     dev = torch.device(device)
     phases = np.asarray(cell.phases)
@@ -103,8 +114,27 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_warm = time.perf_counter() - tw
-    chi, info = pcg(op, op.rhs(), x0=x0, precond=M, rtol=rtol, ctol=ctol, maxiter=maxiter,
-                    energy0=energy0, callback=callback, fscale=fscale)
+    size = 6 // groups
+    parts = []
+    for g in range(groups):
+        idx = slice(g * size, (g + 1) * size)
+        f = op.rhs()[idx].contiguous(memory_format=torch.channels_last_3d) if groups > 1 else op.rhs()
+        xg = x0[idx] if (x0 is not None and groups > 1) else x0
+        cb = None if callback is None else (lambda k, rel, est, _g=g: callback(k, rel, est))
+        parts.append(pcg(op, f, x0=xg, precond=M, rtol=rtol, ctol=ctol, maxiter=maxiter,
+                         energy0=energy0[idx], callback=cb, fscale=fscale[idx]))
+        del f
+    if groups == 1:
+        chi, info = parts[0]
+    else:
+        chi = torch.cat([p[0] for p in parts]).contiguous(memory_format=torch.channels_last_3d)
+        infos = [p[1] for p in parts]
+        info = PCGInfo(iterations=sum((i.iterations for i in infos), []),
+                       residuals=sum((i.residuals for i in infos), []),
+                       converged=sum((i.converged for i in infos), []),
+                       energy_error=sum((i.energy_error for i in infos), []),
+                       history=sum((i.history for i in infos), []))
+        del parts
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t_solve = time.perf_counter() - t0 - t_setup - t_warm
@@ -123,4 +153,4 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         precision=precision, solver="pcg", preconditioner=preconditioner, rtol=rtol, ctol=ctol,
         times={"setup": t_setup, "warm_start": t_warm, "solve": t_solve, "total": t_total}, shape=tuple(shape),
         device=str(dev), domain=domain.describe(), soft=soft,
-        chi=chi if keep_fields else None, extra={"history": info.history})
+        chi=chi if keep_fields else None, extra={"history": info.history, "groups": groups})

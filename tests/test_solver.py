@@ -269,3 +269,13 @@ def test_cubic_tpms_gives_cubic_symmetry(surface, form):
     assert np.std(np.diag(res.C)[:3]) <= 1e-8 * np.abs(res.C).max()
     A = engineering_constants(res.C)["zener_ratio"]
     assert A > 0 and abs(A - 1.0) > 1e-3            # cubic, not isotropic
+
+
+@pytest.mark.parametrize("groups", [2, 3, 6])
+def test_load_cases_in_groups_give_the_same_chom(groups, rng):
+    cell = random_inclusion_cell(rng, (8, 8, 8))
+    ref = homogenize(cell, rtol=1e-10)
+    res = homogenize(cell, rtol=1e-10, groups=groups)
+    assert rel(res.C, ref.C) <= 1e-9
+    assert res.iterations == ref.iterations
+    assert len(res.residuals) == 6 and res.converged
