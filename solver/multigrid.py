@@ -90,7 +90,8 @@ class ElementMatrixOperator:
             nx = x1 - x0
             ue = torch.cat([ug[:, :, x0 + ax:x1 + ax, ay:ay + ly, az:az + lz] for ax, ay, az in CORNERS],
                            dim=1)                                            # (B, 24, nx, ly, lz)
-            ue = ue.reshape(B, 24, -1).permute(2, 1, 0)                       # (V, 24, B)
+            # contiguous (V, 24, B): bmm on the permuted view was 10x slower
+            ue = ue.reshape(B, 24, -1).permute(2, 1, 0).contiguous()          # (V, 24, B)
             fe = torch.bmm(self.ke[x0:x1].reshape(-1, 24, 24), ue)             # (V, 24, B)
             fe = fe.permute(2, 1, 0).reshape(B, 24, nx, ly, lz)
             for a, (ax, ay, az) in enumerate(CORNERS):
@@ -210,7 +211,7 @@ class DenseCoarseSolver:
         g = torch.zeros((B, 3) + tuple(self.domain.global_shape), dtype=torch.float64, device=self.device)
         g[(slice(None), slice(None)) + self.domain.local_slice] = r.to(torch.float64)
         g = self.domain.sum(g)
-        v = g.permute(0, 2, 3, 4, 1).reshape(B, 3 * self.N).T                 # (3N, B)
+        v = g.permute(0, 2, 3, 4, 1).reshape(B, 3 * self.N).T.contiguous()    # (3N, B)
         v = v - v.reshape(self.N, 3, B).mean(0).repeat(self.N, 1)
         z = self.Ainv @ v
         z = z - z.reshape(self.N, 3, B).mean(0).repeat(self.N, 1)
