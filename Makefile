@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= out
-PRECOND ?= jacobi
+PRECOND ?= multigrid
 
 .PHONY: setup run test test-fast bench clean
 
