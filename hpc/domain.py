@@ -52,6 +52,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from solver.domain import BlockLayout
+
 # mpi4py is imported when the first MPIDomain is built (importing it initialises MPI;
 # block_starts and multigrid_alignment stay usable without it)
 MPI = None
@@ -119,7 +121,7 @@ def _host(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").contiguous().numpy()
 
 
-class MPIDomain:
+class MPIDomain(BlockLayout):
     """The periodic ``global_shape`` grid, block-decomposed over ``comm``.
 
     Parameters
@@ -183,15 +185,7 @@ class MPIDomain:
         log.debug("rank %d coords %s block start %s shape %s", self.rank, self.coords,
                   self.local_start, self.local_shape)
 
-    # -- layout -----------------------------------------------------------------
-    @property
-    def local_slice(self):
-        return tuple(slice(s, s + n) for s, n in zip(self.local_start, self.local_shape))
-
-    @property
-    def n_global(self) -> int:
-        return self.global_shape[0] * self.global_shape[1] * self.global_shape[2]
-
+    # -- layout (local_slice, n_global: solver.domain.BlockLayout) ---------------
     def block(self, rank: int):
         """(start, shape) of the block owned by ``rank`` of this domain's communicator."""
         c = self.cart.Get_coords(rank)

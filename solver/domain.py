@@ -21,7 +21,19 @@ from __future__ import annotations
 import torch
 
 
-class SerialDomain:
+class BlockLayout:
+    """What every Domain derives from its global_shape, local_start and local_shape."""
+
+    @property
+    def local_slice(self):
+        return tuple(slice(s, s + n) for s, n in zip(self.local_start, self.local_shape))
+
+    @property
+    def n_global(self) -> int:
+        return self.global_shape[0] * self.global_shape[1] * self.global_shape[2]
+
+
+class SerialDomain(BlockLayout):
     """The whole periodic grid on one process."""
 
     rank = 0
@@ -34,14 +46,6 @@ class SerialDomain:
         self.local_shape = self.global_shape
         self.local_start = (0, 0, 0)
         self.dims = (1, 1, 1)
-
-    @property
-    def local_slice(self):
-        return tuple(slice(s, s + n) for s, n in zip(self.local_start, self.local_shape))
-
-    @property
-    def n_global(self) -> int:
-        return self.global_shape[0] * self.global_shape[1] * self.global_shape[2]
 
     def ghost(self, x: torch.Tensor, lo: int = 0, hi: int = 1) -> torch.Tensor:
         """x extended by lo/hi periodic ghost layers per axis (memory format kept).

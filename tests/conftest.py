@@ -15,3 +15,13 @@ def rng():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long runs, only with RUN_SLOW=1 (bench/ has the big ones)")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A single-node local Slurm (tests/slurm_local.py), one per test module."""
+    from slurm_local import LocalSlurm
+    s = LocalSlurm(str(tmp_path_factory.mktemp("slurm")))
+    s.start()
+    yield s
+    s.stop()

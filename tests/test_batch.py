@@ -196,15 +196,6 @@ def test_slurm_cluster_job_script():
 
 # ----------------------------------------------------------------------------- Slurm
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    from slurm_local import LocalSlurm
-    s = LocalSlurm(str(tmp_path_factory.mktemp("slurm")))
-    s.start()
-    yield s
-    s.stop()
-
-
 def test_batch_sbatch(slurm, tmp_path):
     d = tmp_path / "cells"
     d.mkdir()

@@ -10,17 +10,8 @@ import pytest
 from hpc.results import read_result
 from microstructures.cell import Cell
 from microstructures.io import write_cell
-from slurm_local import LocalSlurm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    s = LocalSlurm(str(tmp_path_factory.mktemp("slurm")))
-    s.start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture

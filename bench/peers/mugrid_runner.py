@@ -43,6 +43,8 @@ import time
 
 import numpy as np
 
+# Restated from solver/materials.py on purpose: this runner runs in muGrid's own venv
+# (numpy >= 2.1), where the project's packages (torch, Debian numpy ABI) do not import.
 VOIGT_PAIRS = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
 
