@@ -206,6 +206,8 @@ def main(argv=None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    from hpc.memory import fix_mmap_threshold
+    fix_mmap_threshold()            # freed field temporaries go back to the OS
     out_path = args.output or default_output(args.cell)
     try:
         for name in ("rtol", "ctol", "soft"):

@@ -273,9 +273,14 @@ class MultigridPreconditioner:
             return self.coarse_solver(b)
         lev, nxt = self.levels[l], self.levels[l + 1]
         x = lev.smoother(b)
-        r = b - lev.op.apply(x)
-        xc = self._cycle(l + 1, restrict(r, nxt.domain, lev.ratios))
-        x = x + prolong(xc, nxt.domain, lev.domain.local_shape, lev.ratios)
+        r = lev.op.apply(x)
+        torch.sub(b, r, out=r)                       # r = b - K x in K x's storage
+        bc = restrict(r, nxt.domain, lev.ratios)
+        del r
+        xc = self._cycle(l + 1, bc)
+        del bc
+        x.add_(prolong(xc, nxt.domain, lev.domain.local_shape, lev.ratios))
+        del xc
         return lev.smoother(b, x)
 
     # PyAMG-style complexities

@@ -116,8 +116,9 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
         alpha = torch.where(active & (pq > 0), rz / torch.where(pq > 0, pq, torch.ones_like(pq)),
                             torch.zeros_like(rz))
         a = alpha.to(x.dtype)[:, None, None, None, None]
-        x += a * p
-        r -= a * q
+        x.addcmul_(a, p)
+        r.addcmul_(a, q, value=-1.0)
+        del q
         op.project_mean_free(r)
         phi = phi - 0.5 * alpha * rz
         k += 1
@@ -127,7 +128,8 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
             # float32: there the true residual floors at the storage precision times
             # the conditioning (above rtol at high contrast), while the recursive one
             # keeps converging and the C^H error (energy form) keeps falling with it.
-            r = op.project_mean_free(f - op.apply(x))
+            r = op.apply(x)
+            r = op.project_mean_free(torch.sub(f, r, out=r))
         for b in range(B):
             if bool(active[b]):
                 iters[b] = k
@@ -149,9 +151,12 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
         rz_new = op.dot(r, z)
         beta = torch.where(active, rz_new / torch.where(rz != 0, rz, torch.ones_like(rz)),
                            torch.zeros_like(rz))
-        p = z + beta.to(x.dtype)[:, None, None, None, None] * p
+        p.mul_(beta.to(x.dtype)[:, None, None, None, None]).add_(z)
+        z = None
         rz = torch.where(active, rz_new, rz)
-    rtrue = op.project_mean_free(f - op.apply(x))
+    r = z = p = None
+    rtrue = op.apply(x)
+    rtrue = op.project_mean_free(torch.sub(f, rtrue, out=rtrue))
     res = torch.where(zero_rhs, torch.zeros_like(fnorm), op.dot(rtrue, rtrue).sqrt() / fnorm).tolist()
     conv = [not bool(a) for a in active.tolist()]
     energy_err = []

@@ -86,9 +86,12 @@ class Smoother:
         self.op = op
 
     def __call__(self, b: torch.Tensor, x: torch.Tensor = None) -> torch.Tensor:
-        r = b if x is None else b - self.op.apply(x)
-        dx = self.correction(r)
-        return dx if x is None else x + dx
+        """From zero (``x`` None) a new field; otherwise ``x`` is updated in place."""
+        if x is None:
+            return self.correction(b)
+        r = self.op.apply(x)
+        torch.sub(b, r, out=r)                       # r = b - K x, in K x's storage
+        return x.add_(self.correction(r))
 
     def correction(self, r):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -111,13 +114,17 @@ class ChebyshevSmoother(Smoother):
         delta = 0.5 * (self.lmax - self.lmin)
         sigma = theta / delta
         rho = 1.0 / sigma
-        d = self.dinv * r / theta
+        d = torch.mul(r, self.dinv).mul_(1.0 / theta)
+        if self.degree == 1:
+            return d
         x = d.clone()
         for _ in range(self.degree - 1):
-            r = r - self.op.apply(d)
+            q = self.op.apply(d)
+            torch.sub(r, q, out=q)                   # the new residual, in K d's storage
+            r = q
             rho_new = 1.0 / (2.0 * sigma - rho)
-            d = (rho_new * rho) * d + (2.0 * rho_new / delta) * (self.dinv * r)
-            x += d
+            d.mul_(rho_new * rho).addcmul_(self.dinv, r, value=2.0 * rho_new / delta)
+            x.add_(d)
             rho = rho_new
         return x
 
@@ -135,9 +142,11 @@ class JacobiSmoother(Smoother):
         self.dinv, self.steps, self.omega = dinv, int(steps), float(scale) / float(lmax)
 
     def correction(self, r):
-        x = self.omega * (self.dinv * r)
+        x = torch.mul(r, self.dinv).mul_(self.omega)
         for _ in range(self.steps - 1):
-            x = x + self.omega * (self.dinv * (r - self.op.apply(x)))
+            q = self.op.apply(x)
+            torch.sub(r, q, out=q)
+            x.addcmul_(self.dinv, q, value=self.omega)
         return x
 
     def __repr__(self):
