@@ -190,11 +190,12 @@ def format_report(res) -> str:
 
 
 def result_json(res, out_path) -> dict:
+    from hpc.allocator import active_allocator
     return {"C": np.asarray(res.C).tolist(), "engineering": res.engineering,
             "iterations": res.iterations, "residuals": res.residuals, "converged": res.converged,
             "chom_error_estimate": res.error_estimate, "precision": res.precision,
             "preconditioner": res.preconditioner, "times": res.times, "shape": list(res.shape),
-            "ranks": res.domain.get("ranks", 1), "output": out_path}
+            "ranks": res.domain.get("ranks", 1), "allocator": active_allocator(), "output": out_path}
 
 
 def main(argv=None) -> int:
@@ -206,8 +207,6 @@ def main(argv=None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    from hpc.memory import fix_mmap_threshold
-    fix_mmap_threshold()            # freed field temporaries go back to the OS
     out_path = args.output or default_output(args.cell)
     try:
         for name in ("rtol", "ctol", "soft"):
@@ -295,7 +294,11 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """main() under MPI: an exception on any rank aborts all ranks with that rank's
-    message (no rank left waiting in a collective)."""
+    message (no rank left waiting in a collective). The command line runs on tcmalloc
+    where installed (hpc.allocator; before MPI is initialised)."""
+    if argv is None:
+        from hpc.allocator import reexec_with_tcmalloc
+        reexec_with_tcmalloc("hpc.homogenize", sys.argv[1:])
     if _world()[1] > 1:
         from hpc.parallel import run_collectively
         return run_collectively(main, argv)

@@ -21,6 +21,7 @@ import tempfile
 import h5py
 import numpy as np
 
+from hpc.allocator import active_allocator
 from solver.materials import unit_strain_tensor
 
 VERSION = "0.1.0"
@@ -57,6 +58,7 @@ def result_attrs(res, input_path=None, input_sha=None) -> dict:
         "shape": np.asarray(res.shape, dtype=np.int64),
         "soft": res.soft,
         "version": VERSION,
+        "allocator": active_allocator(),
     }
     if input_path is not None:
         a["input"] = os.path.abspath(str(input_path))

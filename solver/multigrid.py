@@ -59,14 +59,17 @@ def coarsen_domain(domain, shape):
     return domain.coarsen(tuple(int(s) for s in shape))
 
 
-# -- coarse-level operator -----------------------------------------------------------
+# -- coarse-level operators ----------------------------------------------------------
 class ElementMatrixOperator:
     """K u = sum_E scatter(K_E u_E) with a full 24 x 24 matrix K_E per voxel.
 
     ``ke`` has shape (l_x, l_y, l_z, 24, 24) on the owned voxels of ``domain``, element
     dof 3 a + c with a in solver.element.CORNERS order (the fine operator's layout).
     Same interface as ElasticityOperator for what multigrid and PCG use: apply,
-    diagonal, dot, gram, project_mean_free, domain, dtype, device."""
+    diagonal, dot, gram, project_mean_free, domain, dtype, device.
+
+    Subclasses that make K_E on the fly override ``_boxes``, ``_element_apply``,
+    ``_element_diagonal`` and ``element_matrices_box``."""
 
     def __init__(self, ke: torch.Tensor, domain, chunk: int = 1 << 20):
         self.ke = ke
@@ -79,23 +82,41 @@ class ElementMatrixOperator:
     def nbytes(self) -> int:
         return self.ke.numel() * self.ke.element_size()
 
+    def _boxes(self):
+        """Boxes of owned voxels (slice triples) and a tag for ``_element_apply``."""
+        return [(tuple(slice(0, n) for n in self.domain.local_shape), None)]
+
+    def _element_apply(self, box, tag, ue: torch.Tensor) -> torch.Tensor:
+        """K_E u_E for the voxels of ``box`` (flattened x-major): ue (V, 24, B) -> (V, 24, B)."""
+        return torch.bmm(self.ke[box].reshape(-1, 24, 24), ue)
+
+    def _element_diagonal(self, box, tag) -> torch.Tensor:
+        """diag(K_E) on ``box``: (n_x, n_y, n_z, 24)."""
+        return torch.diagonal(self.ke[box], dim1=-2, dim2=-1)
+
+    def element_matrices_box(self, box) -> torch.Tensor:
+        """K_E on a box of owned voxels (slices, steps allowed): (..., 24, 24)."""
+        return self.ke[box]
+
     def apply(self, u: torch.Tensor) -> torch.Tensor:
         B = u.shape[0]
-        lx, ly, lz = self.domain.local_shape
         ug = self.domain.ghost(u, hi=1)
         yg = torch.zeros_like(ug)
-        per_x = max(1, self.chunk // max(1, ly * lz * B))
-        for x0 in range(0, lx, per_x):
-            x1 = min(lx, x0 + per_x)
-            nx = x1 - x0
-            ue = torch.cat([ug[:, :, x0 + ax:x1 + ax, ay:ay + ly, az:az + lz] for ax, ay, az in CORNERS],
-                           dim=1)                                            # (B, 24, nx, ly, lz)
-            # contiguous (V, 24, B): bmm on the permuted view was 10x slower
-            ue = ue.reshape(B, 24, -1).permute(2, 1, 0).contiguous()          # (V, 24, B)
-            fe = torch.bmm(self.ke[x0:x1].reshape(-1, 24, 24), ue)             # (V, 24, B)
-            fe = fe.permute(2, 1, 0).reshape(B, 24, nx, ly, lz)
-            for a, (ax, ay, az) in enumerate(CORNERS):
-                yg[:, :, x0 + ax:x1 + ax, ay:ay + ly, az:az + lz] += fe[:, 3 * a:3 * a + 3]
+        for (bx, by, bz), tag in self._boxes():
+            ny, nz = by.stop - by.start, bz.stop - bz.start
+            per_x = max(1, self.chunk // max(1, ny * nz * B))
+            for x0 in range(bx.start, bx.stop, per_x):
+                x1 = min(bx.stop, x0 + per_x)
+                nx = x1 - x0
+                ue = torch.cat([ug[:, :, x0 + ax:x1 + ax, by.start + ay:by.stop + ay, bz.start + az:bz.stop + az]
+                                for ax, ay, az in CORNERS], dim=1)                # (B, 24, nx, ny, nz)
+                # contiguous (V, 24, B): bmm on the permuted view was 10x slower
+                ue = ue.reshape(B, 24, -1).permute(2, 1, 0).contiguous()          # (V, 24, B)
+                fe = self._element_apply((slice(x0, x1), by, bz), tag, ue)        # (V, 24, B)
+                fe = fe.permute(2, 1, 0).reshape(B, 24, nx, ny, nz)
+                for a, (ax, ay, az) in enumerate(CORNERS):
+                    yg[:, :, x0 + ax:x1 + ax, by.start + ay:by.stop + ay, bz.start + az:bz.stop + az] += \
+                        fe[:, 3 * a:3 * a + 3]
         return self.domain.accumulate(yg, hi=1)
 
     __call__ = apply
@@ -103,10 +124,12 @@ class ElementMatrixOperator:
     def diagonal(self) -> torch.Tensor:
         if self._diag is None:
             lx, ly, lz = self.domain.local_shape
-            d = torch.diagonal(self.ke, dim1=-2, dim2=-1)                     # (lx, ly, lz, 24)
             yg = torch.zeros(1, 3, lx + 1, ly + 1, lz + 1, dtype=self.dtype, device=self.device)
-            for a, (ax, ay, az) in enumerate(CORNERS):
-                yg[0, :, ax:ax + lx, ay:ay + ly, az:az + lz] += d[..., 3 * a:3 * a + 3].permute(3, 0, 1, 2)
+            for (bx, by, bz), tag in self._boxes():
+                d = self._element_diagonal((bx, by, bz), tag)                     # (nx, ny, nz, 24)
+                for a, (ax, ay, az) in enumerate(CORNERS):
+                    yg[0, :, bx.start + ax:bx.stop + ax, by.start + ay:by.stop + ay, bz.start + az:bz.stop + az] += \
+                        d[..., 3 * a:3 * a + 3].permute(3, 0, 1, 2)
             self._diag = self.domain.accumulate(yg, hi=1)
         return self._diag
 
@@ -115,10 +138,69 @@ class ElementMatrixOperator:
     project_mean_free = ElasticityOperator.project_mean_free
 
 
+class GalerkinCoefficientOperator(ElementMatrixOperator):
+    """The first coarse level R K P without stored element matrices.
+
+    With k_c = lambda_c K_lambda + mu_c K_mu on the fine voxels, the Galerkin element
+    matrix of a coarse voxel E is linear in its children's Lame parameters:
+
+        K_E = sum_c lambda_c (P_c^T K_lambda P_c) + mu_c (P_c^T K_mu P_c)
+            = sum_j w_{E,j} B_{k(E),j},       j < 16 (8 children x 2),
+
+    with the 16 fixed 24 x 24 matrices B_k of the voxel's kind k (full / single cell
+    per axis: at most 8 kinds, each a box of voxels). Storing w (16 numbers per coarse
+    voxel) instead of K_E (576) cuts the level's memory 36x; K_E is rebuilt in blocks
+    of ``sub`` voxels (one small GEMM, in cache) just before the batched matvec, which
+    on CPU costs about the same as streaming stored matrices (BENCHMARKS.md)."""
+
+    def __init__(self, coef: torch.Tensor, boxes, bases: torch.Tensor, domain,
+                 chunk: int = 1 << 20, sub: int = 512):
+        self.coef = coef                  # (l_x, l_y, l_z, 16)
+        self.boxes = list(boxes)          # [(box slices, kind index)]
+        self.bases = bases                # (kinds, 16, 576)
+        self.domain = domain
+        self.dtype, self.device = coef.dtype, coef.device
+        self.chunk, self.sub = int(chunk), int(sub)
+        self._diag = None
+        self._diag_bases = torch.diagonal(bases.reshape(-1, 16, 24, 24), dim1=-2, dim2=-1)  # (kinds, 16, 24)
+        kind = torch.zeros(tuple(domain.local_shape), dtype=torch.uint8, device=coef.device)
+        for box, k in self.boxes:
+            kind[box] = k
+        self.kind = kind
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.coef, self.bases, self.kind))
+
+    def _boxes(self):
+        return self.boxes
+
+    def _element_apply(self, box, k, ue):
+        w = self.coef[box].reshape(-1, 16)
+        basis = self.bases[k]
+        out = torch.empty_like(ue)
+        for s in range(0, ue.shape[0], self.sub):
+            ke = (w[s:s + self.sub] @ basis).view(-1, 24, 24)
+            torch.bmm(ke, ue[s:s + self.sub], out=out[s:s + self.sub])
+        return out
+
+    def _element_diagonal(self, box, k):
+        return self.coef[box] @ self._diag_bases[k]
+
+    def element_matrices_box(self, box) -> torch.Tensor:
+        w, kind = self.coef[box], self.kind[box]
+        out = torch.zeros(tuple(w.shape[:-1]) + (24, 24), dtype=self.dtype, device=self.device)
+        for k in range(self.bases.shape[0]):
+            m = kind == k
+            if bool(m.any()):
+                out[m] = (w[m] @ self.bases[k]).view(-1, 24, 24)
+        return out
+
+
 def element_matrices(op) -> torch.Tensor:
     """Per-voxel element matrices (l_x, l_y, l_z, 24, 24) of a level operator."""
     if isinstance(op, ElementMatrixOperator):
-        return op.ke
+        return op.element_matrices_box(tuple(slice(0, n) for n in op.domain.local_shape))
     K_lam = torch.as_tensor(op._K_lam_np, dtype=op.dtype, device=op.device)
     K_mu = torch.as_tensor(op._K_mu_np, dtype=op.dtype, device=op.device)
     return op.lam[..., None, None] * K_lam + op.mu[..., None, None] * K_mu
@@ -137,8 +219,31 @@ def galerkin_element_matrices(op, ratios, cshape) -> torch.Tensor:
             kv.addcmul_(op.lam[fbox][..., None, None], Pl)
             kv.addcmul_(op.mu[fbox][..., None, None], Pm)
         else:
-            ke[cbox] += P.T @ op.ke[fbox] @ P
+            ke[cbox] += P.T @ op.element_matrices_box(fbox) @ P
     return ke
+
+
+def galerkin_coefficient_operator(op, ratios, cdom, chunk: int = 1 << 20) -> GalerkinCoefficientOperator:
+    """R K P of the matrix-free fine operator in coefficient form (w, B_k per kind)."""
+    K_lam = torch.as_tensor(op._K_lam_np, dtype=torch.float64, device=op.device)
+    K_mu = torch.as_tensor(op._K_mu_np, dtype=torch.float64, device=op.device)
+    coef = torch.zeros(tuple(cdom.local_shape) + (16,), dtype=op.dtype, device=op.device)
+    kinds, bases, count = {}, [], {}
+    for cbox, fbox, Pc in galerkin_blocks(op.domain.local_shape, ratios):
+        key = tuple((s.start, s.stop) for s in cbox)
+        if key not in kinds:
+            kinds[key] = len(bases)
+            bases.append(torch.zeros(16, 576, dtype=torch.float64, device=op.device))
+            count[key] = 0
+        k, j = kinds[key], count[key]
+        count[key] += 1
+        P = torch.as_tensor(Pc, dtype=torch.float64, device=op.device)
+        bases[k][2 * j] = (P.T @ K_lam @ P).reshape(-1)
+        bases[k][2 * j + 1] = (P.T @ K_mu @ P).reshape(-1)
+        coef[cbox + (2 * j,)] = op.lam[fbox]
+        coef[cbox + (2 * j + 1,)] = op.mu[fbox]
+    boxes = [(tuple(slice(a, b) for a, b in key), k) for key, k in kinds.items()]
+    return GalerkinCoefficientOperator(coef, boxes, torch.stack(bases).to(op.dtype), cdom, chunk=chunk)
 
 
 # -- coarsest-level solve ------------------------------------------------------------
@@ -300,7 +405,9 @@ class MultigridPreconditioner:
                  f"{op.dtype} on {op.device}, setup {self.setup_time:.3f} s",
                  f"  {'level':>5} {'grid':>16} {'unknowns':>12} {'memory MB':>10}  operator / smoother"]
         for i, lv in enumerate(self.levels):
-            kind = "matrix-free lambda, mu" if isinstance(lv.op, ElasticityOperator) else "24x24 per voxel"
+            kind = ("matrix-free lambda, mu" if isinstance(lv.op, ElasticityOperator) else
+                    "16 Lame weights per voxel" if isinstance(lv.op, GalerkinCoefficientOperator) else
+                    "24x24 per voxel")
             sm = repr(lv.smoother) if lv.smoother is not None else "coarse: " + repr(self.coarse_solver)
             grid = "x".join(str(n) for n in lv.shape)
             mem = lv.nbytes + (self.coarse_solver.nbytes if i == len(self.levels) - 1 else 0)
@@ -318,7 +425,7 @@ def _ratios(shape, min_axis: int):
 def build_multigrid(op, smoother: str = "chebyshev", degree: int = 2, ratio: float = 10.0,
                     steps: int = 2, max_coarse: int = 512, max_levels: int = 12,
                     min_axis: int = 4, lanczos_steps: int = 12, safety: float = 1.1,
-                    chunk: int = 1 << 20) -> MultigridPreconditioner:
+                    chunk: int = 1 << 20, level1: str = "coefficients") -> MultigridPreconditioner:
     """Set up the multigrid hierarchy for ``op`` (an ElasticityOperator).
 
     Coarsen every axis with at least ``min_axis`` cells by 2 (odd axes included) while
@@ -326,8 +433,12 @@ def build_multigrid(op, smoother: str = "chebyshev", degree: int = 2, ratio: flo
     solve the coarsest exactly (``DenseCoarseSolver``). ``smoother`` is a key of
     solver.smoothers.SMOOTHERS: 'chebyshev' (``degree``, eigenvalue ``ratio``) or
     'jacobi' (``steps``); ``safety`` multiplies the Lanczos estimate of lambda_max(D^-1 K).
+    ``level1``: 'coefficients' keeps the first coarse level as 16 Lame weights per voxel
+    (GalerkinCoefficientOperator, 36x less memory), 'matrices' stores its 24 x 24 K_E.
     Returns the callable preconditioner r -> z (setup time in ``.setup_time``)."""
     t0 = time.perf_counter()
+    if level1 not in ("coefficients", "matrices"):
+        raise ValueError(f"level1 must be 'coefficients' or 'matrices', got {level1!r}")
     if smoother not in SMOOTHERS:
         raise ValueError(f"unknown smoother {smoother!r}; choose from {sorted(SMOOTHERS)}")
     sm_opts = {"chebyshev": dict(degree=degree, ratio=ratio),
@@ -342,9 +453,12 @@ def build_multigrid(op, smoother: str = "chebyshev", degree: int = 2, ratio: flo
             break
         cshape = coarse_shape(shape, r)
         cdom = coarsen_domain(lev.domain, cshape)
-        ke = galerkin_element_matrices(lev.op, r, cdom.local_shape)
+        if isinstance(lev.op, ElasticityOperator) and level1 == "coefficients":
+            cop = galerkin_coefficient_operator(lev.op, r, cdom, chunk=chunk)
+        else:
+            cop = ElementMatrixOperator(galerkin_element_matrices(lev.op, r, cdom.local_shape), cdom, chunk=chunk)
         lev.ratios = r
-        levels.append(Level(op=ElementMatrixOperator(ke, cdom, chunk=chunk), domain=cdom))
+        levels.append(Level(op=cop, domain=cdom))
     if int(np.prod(levels[-1].shape)) > 4 * max_coarse and int(np.prod(levels[-1].shape)) > 4096:
         log.warning("coarsest grid %s has %d nodes: the dense coarse solve will be slow",
                     levels[-1].shape, int(np.prod(levels[-1].shape)))

@@ -171,3 +171,19 @@ def test_cgins_without_a_model_is_an_input_error(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main([p, "-q", "--solver", "cgins", "--model", str(bad)]) == EXIT_INPUT
     assert not os.path.exists(str(tmp_path / "c.result.h5"))
+
+
+def test_cli_runs_on_tcmalloc_and_records_it(tmp_path):
+    """The command line re-executes itself with tcmalloc preloaded (hpc.allocator);
+    HPC_ALLOCATOR=system keeps glibc. Both are recorded in the result."""
+    from hpc.allocator import find_tcmalloc
+    assert find_tcmalloc() is not None, "tcmalloc missing: apt-get install libtcmalloc-minimal4 (scripts/setup_env.sh)"
+    cell = tmp_path / "c.npy"
+    np.save(cell, (np.indices((8, 8, 8)).sum(0) % 3 > 0).astype(np.uint8))
+    for mode, want in (("tcmalloc", "tcmalloc"), ("system", "system")):
+        env = dict(os.environ, HPC_ALLOCATOR=mode)
+        env.pop("LD_PRELOAD", None)
+        p = subprocess.run([sys.executable, "-m", "hpc.homogenize", str(cell), "--E", "0", "1", "--nu", "0.3", "0.3",
+                            "--json", "-o", str(tmp_path / f"{mode}.h5")], capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["allocator"] == want

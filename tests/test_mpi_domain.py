@@ -35,14 +35,16 @@ def _mpi_env():
     return env
 
 
-def mpirun(n, *args, timeout=300):
-    """(returncode, stdout, stderr, seconds) of ``mpirun -n n python args``."""
+def mpirun(n, *args, timeout=300, env=None):
+    """(returncode, stdout, stderr, seconds) of ``mpirun -n n python args`` (``env``:
+    extra environment variables)."""
     exe = shutil.which("mpirun") or shutil.which("mpiexec")
     if exe is None:
         pytest.fail(f"mpirun not found: {INSTALL}")
     cmd = [exe, "--allow-run-as-root", "--oversubscribe", "-n", str(n), sys.executable, *args]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_mpi_env(), cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**_mpi_env(), **(env or {})},
+                       cwd=ROOT)
     return p.returncode, p.stdout, p.stderr, time.perf_counter() - t0
 
 
@@ -152,20 +154,26 @@ def test_exception_on_one_rank_ends_all_ranks(mpi_available):
 
 
 def test_peak_memory_per_rank_at_4_ranks_is_at_most_35_percent(mpi_available, tmp_path):
-    """n = 96 gyroid, multigrid PCG (float32, the path hpc.homogenize runs): the problem's
-    peak memory per rank at 4 ranks <= 35% of the single-rank one. The problem's memory
-    is the peak RSS minus the RSS after the imports (Python, torch, MPI: the same
-    ~0.26 GB on every rank whatever the grid, reported separately in BENCHMARKS.md)."""
+    """n = 96 gyroid, multigrid PCG (float32), run as hpc.homogenize runs (on tcmalloc,
+    hpc.allocator): the problem's peak memory per rank at 4 ranks <= 35% of the
+    single-rank one. The problem's memory is the peak RSS minus the RSS after the
+    imports (Python, torch, MPI: the same ~0.26 GB on every rank whatever the grid,
+    reported separately in BENCHMARKS.md)."""
+    from hpc.allocator import find_tcmalloc
+    lib = find_tcmalloc()
+    assert lib is not None, "tcmalloc missing: apt-get install libtcmalloc-minimal4 (scripts/setup_env.sh)"
     write_h5(tmp_path / "cell.h5", gyroid_cell((96, 96, 96)))
     out = {}
     for n in (1, 4):
-        rc, so, se, _ = mpirun(n, os.path.join(HERE, "mpi", "peak_memory.py"), str(tmp_path / "cell.h5"),
-                               "float32", "multigrid", timeout=600)
+        rc, so, se, _ = mpirun(n, os.path.join(HERE, "mpi", "peak_memory.py"),
+                               str(tmp_path / "cell.h5"), "float32", "multigrid", timeout=600,
+                               env={"LD_PRELOAD": lib})
         assert rc == 0, f"peak_memory.py on {n} ranks failed (rc {rc}):\n{so[-2000:]}\n{se[-2000:]}"
         out[n] = json.loads(so.strip().splitlines()[-1])
     single = out[1]["peak_mb"][0] - out[1]["import_mb"][0]
     per_rank = max(p - b for p, b in zip(out[4]["peak_mb"], out[4]["import_mb"]))
     assert out[4]["dims"] == [2, 2, 1]
+    assert out[1]["allocator"] == out[4]["allocator"] == "tcmalloc"
     assert abs(out[4]["C11"] - out[1]["C11"]) <= 1e-5 * abs(out[1]["C11"])
     assert per_rank <= 0.35 * single, (
         f"per-rank problem memory at 4 ranks {per_rank:.0f} MB > 35% of the single rank's "

@@ -6,14 +6,14 @@ a few PCG iterations) on a file cell; prints one JSON line on rank 0.
 ``import_mb`` is each rank's peak RSS after importing Python, torch, mpi4py and the
 solver, before any data exists (~0.26 GB here, the same on every rank whatever the
 grid); ``peak_mb`` the peak at the end. The problem's memory is their difference.
-The process runs as hpc.homogenize does (hpc.memory.fix_mmap_threshold).
 """
 import json
 import sys
 
 from mpi4py import MPI
 
-from hpc.memory import fix_mmap_threshold, peak_rss_mb
+from hpc.allocator import active_allocator
+from hpc.memory import peak_rss_mb
 from hpc.parallel import setup_parallel
 from solver.homogenize import homogenize
 
@@ -23,7 +23,6 @@ def main():
     precision = sys.argv[2] if len(sys.argv) > 2 else "float64"
     pc = sys.argv[3] if len(sys.argv) > 3 else "multigrid"
     comm = MPI.COMM_WORLD
-    fix_mmap_threshold()
     base = peak_rss_mb()
     domain, cell = setup_parallel(path, comm=comm)
     res = homogenize(cell, rtol=1e-12, maxiter=3, precision=precision, preconditioner=pc, domain=domain)
@@ -32,7 +31,8 @@ def main():
     bases = comm.gather(base, root=0)
     if comm.rank == 0:
         print(json.dumps({"ranks": comm.size, "dims": list(domain.dims), "peak_mb": peaks,
-                          "import_mb": bases, "C11": float(res.C[0, 0])}))
+                          "import_mb": bases, "C11": float(res.C[0, 0]),
+                          "allocator": active_allocator()}))
 
 
 if __name__ == "__main__":
