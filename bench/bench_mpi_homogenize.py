@@ -17,6 +17,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "mpi"))
 
+if __name__ == "__main__":          # on tcmalloc like hpc.homogenize, before MPI starts
+    from hpc.allocator import reexec_with_tcmalloc
+    reexec_with_tcmalloc(sys.argv)
+
 import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 

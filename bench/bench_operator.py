@@ -82,4 +82,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from common import on_tcmalloc
+    on_tcmalloc()
     main()

@@ -44,8 +44,17 @@ def machine() -> dict:
 
 
 def machine_line(m: dict) -> str:
+    from hpc.allocator import active_allocator
     return (f"{m['date']}; {m['cpu']}, {m['cores']} cores, {m['memory']}; Python {m['python']}, "
-            f"torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}; commit {m['commit']}")
+            f"torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}, "
+            f"allocator {active_allocator()}; commit {m['commit']}")
+
+
+def on_tcmalloc() -> None:
+    """Re-run this bench script on tcmalloc, as the command-line tools run
+    (hpc.allocator; HPC_ALLOCATOR=system to measure glibc malloc instead)."""
+    from hpc.allocator import reexec_with_tcmalloc
+    reexec_with_tcmalloc(sys.argv)
 
 
 def markdown_table(header, rows) -> str:

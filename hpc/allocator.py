@@ -44,10 +44,11 @@ def active_allocator() -> str:
         return "system"
 
 
-def reexec_with_tcmalloc(module: str, argv: Sequence[str]) -> None:
-    """exec ``python -m module argv`` with tcmalloc preloaded, unless it is already
-    loaded, not installed, already tried (LD_PRELOAD names it), or HPC_ALLOCATOR=system.
-    Returns only when nothing was done."""
+def reexec_with_tcmalloc(args: Sequence[str]) -> None:
+    """exec ``python *args`` (e.g. ``["-m", "hpc.homogenize", *sys.argv[1:]]`` or
+    ``sys.argv`` for a script) with tcmalloc preloaded, unless it is already loaded,
+    not installed, already tried (LD_PRELOAD names it) or HPC_ALLOCATOR=system.
+    Returns only when nothing was done. Call it before MPI is initialised."""
     if os.environ.get(ENV, "tcmalloc").lower() == "system":
         return
     if "tcmalloc" in os.environ.get("LD_PRELOAD", "") or active_allocator() == "tcmalloc":
@@ -59,4 +60,4 @@ def reexec_with_tcmalloc(module: str, argv: Sequence[str]) -> None:
     env["LD_PRELOAD"] = (lib + " " + env.get("LD_PRELOAD", "")).strip()
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+    os.execve(sys.executable, [sys.executable, *args], env)

@@ -945,4 +945,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    from hpc.allocator import reexec_with_tcmalloc
+    reexec_with_tcmalloc(["-m", "hpc.evaluate", *sys.argv[1:]])
     sys.exit(main())

@@ -298,7 +298,7 @@ def cli(argv=None) -> int:
     where installed (hpc.allocator; before MPI is initialised)."""
     if argv is None:
         from hpc.allocator import reexec_with_tcmalloc
-        reexec_with_tcmalloc("hpc.homogenize", sys.argv[1:])
+        reexec_with_tcmalloc(["-m", "hpc.homogenize", *sys.argv[1:]])
     if _world()[1] > 1:
         from hpc.parallel import run_collectively
         return run_collectively(main, argv)
