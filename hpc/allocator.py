@@ -2,11 +2,11 @@
 
 The solver allocates and frees field-sized temporaries (tens of MB to GB) every
 iteration. With glibc's malloc each of those above its mmap threshold (at most
-32 MiB) is a fresh mapping: the kernel zero-fills it page by page on first touch, which
-cost 30% of the run time here (12.8 s system time in a 28 s 96^3 solve), and blocks
-below the threshold are kept on the heap after free, which inflates the resident set
-of decomposed runs. tcmalloc reuses freed spans without those faults: the same solve
-took 20.7 s with 0.6 s system time and a lower peak RSS (BENCHMARKS.md). This is the
+32 MiB) is a fresh mapping: the kernel zero-fills it page by page on first touch, and
+blocks below the threshold are kept on the heap after free, which inflates the resident
+set of decomposed runs. tcmalloc reuses freed spans without those faults. Measured
+(BENCHMARKS.md, "Memory allocator"; 96^3 multigrid-PCG, 2 threads): solve 40.4 s with
+18.5 s of system time on glibc, 20.8 s with 0.9 s on tcmalloc, and a lower peak RSS. This is the
 allocator swap the PyTorch CPU performance guide recommends.
 
 ``reexec_with_tcmalloc`` replaces the current process (same PID, before MPI is

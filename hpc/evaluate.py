@@ -38,7 +38,7 @@ For every cell:
    (WO-CS) gets t steps of the same PCG on its output). On that field u (float64 operator,
    ``--precision``):
        delta    = ||C^H(u) - C^H_ref||_F / ||C^H_ref||_F, C^H(u) the solver's energy form
-                  (ElasticityOperator.chom, as in bench/bench_cgins.py and the loss);
+                  (ElasticityOperator.chom, as in the loss);
        residual = ||f - K u|| / ||f||, the norms over all six load cases together
                   (``residual_max``: the largest per-case ratio);
        energy   = sum_i (1/2 u_i.K u_i - f_i.u_i) / |Omega| (what the training minimises;
