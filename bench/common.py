@@ -3,29 +3,17 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
-import resource
 import subprocess
 import sys
 
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from hpc.memory import peak_rss_mb  # noqa: F401  (re-exported for the bench scripts)
 
 
 def machine() -> dict:
     import numpy
     import torch
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from hpc.results import cpu_model
+    cpu = cpu_model()
     mem = ""
     try:
         with open("/proc/meminfo") as fh:

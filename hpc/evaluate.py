@@ -731,15 +731,8 @@ def provenance(argv: Sequence[str], device: str) -> dict:
                                     text=True, cwd=ROOT, timeout=30).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from hpc.results import cpu_model
+    cpu = cpu_model()
     dev = device
     if device.startswith("cuda") and torch.cuda.is_available():
         dev = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"

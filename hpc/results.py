@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import tempfile
 
 import h5py
@@ -26,6 +27,18 @@ from solver.materials import unit_strain_tensor
 
 VERSION = "0.1.0"
 CONVENTION = "Voigt 11,22,33,23,13,12; engineering shear strains; C^H = energy form"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for provenance lines."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
 
 
 def sha256_of(path) -> str:
