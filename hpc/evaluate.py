@@ -59,8 +59,7 @@ For every cell:
    How the last is measured: the timed run records a time stamp per PCG iteration (the
    callback: no extra work in the loop); a second, untimed run with the same inputs
    (deterministic on CPU: the same iterates) computes C^H(x_k) of every iterate x_k with
-   the float64 energy form, reading x_k from the running solver.pcg.pcg frame (its
-   callback is called with (k, rel, est) only, and solver/ is not changed for this);
+   the float64 energy form (solver.pcg passes x_k to the callback);
    k* is the first k with delta_k <= target for all later k, and the time is the timed
    run's stamp at iteration k* (k* = 0: setup + warm start). The untimed run stops
    computing C^H once trace(C^H(x_k) - C_ref) / ||C_ref||_F <= target: C^H(x) - C^H* is
@@ -451,19 +450,6 @@ def field_metrics(op, u, C_ref: np.ndarray) -> dict:
 
 # --------------------------------------------------------------------------- solver comparison
 
-def _pcg_iterate():
-    """The current iterate x of the running solver.pcg.pcg, from inside its callback."""
-    import importlib
-    code = importlib.import_module("solver.pcg").pcg.__code__
-    fr = sys._getframe(1)
-    while fr is not None and fr.f_code is not code:
-        fr = fr.f_back
-    if fr is None or "x" not in fr.f_locals:
-        raise RuntimeError("cannot read the PCG iterate: solver.pcg.pcg no longer keeps it in a local 'x' "
-                           "(update hpc.evaluate._pcg_iterate)")
-    return fr.f_locals["x"]
-
-
 def track_deltas(cell, C_ref: np.ndarray, op64, x0=None, stop_below: Optional[float] = None,
                  **solve_kw) -> tuple:
     """Run solver.homogenize and return ([delta_k for k = 0, 1, ...], result): delta of
@@ -484,9 +470,9 @@ def track_deltas(cell, C_ref: np.ndarray, op64, x0=None, stop_below: Optional[fl
         if stop_below is not None and float(np.trace(C - C_ref)) / nref <= stop_below:
             state["done"] = True
 
-    def cb(k, rel, est):
+    def cb(k, rel, est, x):
         if not state["done"]:
-            record(op64.chom(_pcg_iterate()).cpu().numpy())
+            record(op64.chom(x).cpu().numpy())
 
     if x0 is None:
         record(op64.mean_stiffness().cpu().numpy())        # C^H(0) = <C>
@@ -522,7 +508,7 @@ def solve_compare(cell, C_ref: np.ndarray, op64, warm, pc: str, precision: str, 
     for start, x0 in (("zero", None), ("net", warm)):
         stamps: List[float] = []
         t_call = time.perf_counter()
-        res = homogenize(cell, x0=x0, callback=lambda k, rel, est: stamps.append(time.perf_counter()), **kw)
+        res = homogenize(cell, x0=x0, callback=lambda k, rel, est, x: stamps.append(time.perf_counter()), **kw)
         deltas, res_tr = track_deltas(cell, C_ref, op64, x0=x0, stop_below=target, **kw)
         if res_tr.iterations != res.iterations:
             log.warning("%s %s start: the tracking run took %s iterations, the timed run %s",

@@ -113,7 +113,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self.last = 0.0
 
-    def __call__(self, k, rel, est):
+    def __call__(self, k, rel, est, x=None):
         if not self.enabled:
             return
         now = time.perf_counter()

@@ -74,7 +74,8 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
     ``cell`` has ``phases`` (the owned block when ``domain`` is distributed), ``E``,
     ``nu`` and ``size``. ``precision`` is the storage precision of the solve; all
     reductions and C^H itself are float64. ``ctol`` additionally stops on the
-    estimated relative C^H error. ``callback(k, rel_res, est_err)`` each iteration.
+    estimated relative C^H error. ``callback(k, rel_res, est_err, x)`` each iteration
+    (``x``: the current iterate of the load cases being solved; solver.pcg).
     ``x0`` is an initial guess (6, 3, l_x, l_y, l_z) or a callable ``x0(op)`` that makes
     one (e.g. a trained CGINS network: its time is reported as times['warm_start']);
     the answer does not depend on it, only the iteration count.
@@ -120,9 +121,8 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         idx = slice(g * size, (g + 1) * size)
         f = op.rhs()[idx].contiguous(memory_format=torch.channels_last_3d) if groups > 1 else op.rhs()
         xg = x0[idx] if (x0 is not None and groups > 1) else x0
-        cb = None if callback is None else (lambda k, rel, est, _g=g: callback(k, rel, est))
         parts.append(pcg(op, f, x0=xg, precond=M, rtol=rtol, ctol=ctol, maxiter=maxiter,
-                         energy0=energy0[idx], callback=cb, fscale=fscale[idx]))
+                         energy0=energy0[idx], callback=callback, fscale=fscale[idx]))
         del f
     if groups == 1:
         chi, info = parts[0]

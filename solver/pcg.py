@@ -68,7 +68,8 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
     estimated relative error of C^H_ii (needs ``energy0`` = |Omega| <C>_ii, (B,)) is
     below ctol. A case with ||f|| <= 1e-13 fscale (cancelling loads, e.g. a
     homogeneous cell) counts as solved by x = 0. ``precond(r) -> z`` (default: Jacobi with op.diagonal()).
-    ``callback(k, rel_res (B,), est_err (B,))`` is called each iteration.
+    ``callback(k, rel_res (B,), est_err (B,), x)`` is called each iteration with the
+    current iterate ``x`` (a live tensor: read it, do not keep or modify it).
     Returns (x, PCGInfo).
     """
     B = f.shape[0]
@@ -143,7 +144,7 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
         est_t = torch.tensor(est, dtype=torch.float64, device=dev)
         history.append((float(rel.max()), float(max(est))))
         if callback is not None:
-            callback(k, rel, est_t)
+            callback(k, rel, est_t, x)
         active &= ~done_mask(rel, est_t)
         if not bool(active.any()):
             break
