@@ -11,7 +11,9 @@ Apply (element-by-element, no assembled matrix). The element matrices factor as
 
 with K_lambda = L^T L (rank 7: volumetric strain at the Gauss points) and
 K_mu = M^T M (rank 18: all but the 6 rigid-body modes), from their eigen-
-decompositions. So
+decompositions. When every voxel has the same lambda / mu = r (one Poisson ratio:
+a solid and its soft void), k_e = mu_e (K_mu + r K_lambda) and G has 18 rows
+(rank 18) with S_e = mu_e I: 28% fewer multiply-adds per apply. So
 
     v = G u_e          gather + GEMM   = Conv3d(u, W), kernel 2x2x2, 25 outputs
     v <- S_e v         per-voxel scaling
@@ -23,6 +25,7 @@ Both convolutions run in channels-last layout (oneDNN on CPU, cuDNN on CUDA).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -65,13 +68,43 @@ class ElasticityOperator:
         self.volume = self.voxel_volume * self.domain.n_global
         K_lam, K_mu = lame_stiffness_matrices(self.h)
         self._K_lam_np, self._K_mu_np = K_lam, K_mu
-        L, M = _psd_factor(K_lam), _psd_factor(K_mu)
-        self.n_lam = L.shape[0]
-        self.weight = self._conv_weight(np.vstack([L, M]))
+        self.lame_ratio = self._uniform_lame_ratio()
+        if self.lame_ratio is None:
+            L, M = _psd_factor(K_lam), _psd_factor(K_mu)
+            self.n_lam = L.shape[0]
+            self.weight = self._conv_weight(np.vstack([L, M]))
+        else:
+            # one Poisson ratio everywhere (a solid and its soft void, say):
+            # k_e = mu_e (K_mu + r K_lambda), whose factor has 18 rows, not 25
+            self.n_lam = 0
+            self.weight = self._conv_weight(_psd_factor(K_mu + self.lame_ratio * K_lam))
         self.chunk = int(chunk)
         self._diag = None
 
     # -- construction helpers -------------------------------------------------
+    def _uniform_lame_ratio(self) -> Optional[float]:
+        """r if lambda_e = r mu_e on every voxel of the global grid (to a few units
+        of the storage precision), else None. Decided globally, so every rank
+        applies the same factorization."""
+        mu, lam = self.mu.to(torch.float64), self.lam.to(torch.float64)
+        pos = mu > 0
+        if bool((lam[~pos] != 0).any()) or bool((mu < 0).any()):
+            bad = torch.ones((), dtype=torch.float64, device=self.device)
+        else:
+            bad = torch.zeros((), dtype=torch.float64, device=self.device)
+        r = lam[pos] / mu[pos]
+        big = torch.tensor(float("inf"), dtype=torch.float64, device=self.device)
+        hi = r.max() if r.numel() else -big
+        lo = r.min() if r.numel() else big
+        hi, neg_lo, bad = self.domain.max(torch.stack([hi, -lo, bad])).tolist()
+        lo = -neg_lo
+        if bad or not (math.isfinite(hi) and math.isfinite(lo)) or lo < 0:
+            return None
+        eps = torch.finfo(self.dtype).eps
+        if hi - lo > 16 * eps * max(hi, 1.0):
+            return None
+        return 0.5 * (hi + lo)
+
     @classmethod
     def from_phases(cls, phases, E, nu, h, soft: float = 1e-6, domain=None,
                     dtype=torch.float64, device="cpu", **kw):
@@ -103,6 +136,8 @@ class ElasticityOperator:
         """v <- S_e v in place for the voxel slab [x0, x1): lambda on the first
         n_lam channels, mu on the rest (broadcast, no per-channel copy of S)."""
         x1 = self.lam.shape[0] if x1 is None else x1
+        if self.n_lam == 0:
+            return v.mul_(self.mu[x0:x1])
         v[:, :self.n_lam].mul_(self.lam[x0:x1])
         v[:, self.n_lam:].mul_(self.mu[x0:x1])
         return v

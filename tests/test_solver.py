@@ -69,13 +69,22 @@ def test_element_matrices_symmetric_psd_with_rigid_body_null_space():
 
 
 # -- operator ----------------------------------------------------------------------
+# two factorizations: per-voxel lambda and mu (25 rows), or one Poisson ratio
+# everywhere (18 rows: k_e = mu_e (K_mu + r K_lambda)), void phases of E = 0 included
+MATERIALS = {"lame": ([0.0, 1.0, 10.0], [0.3, 0.2, 0.35]),
+             "one-nu": ([0.0, 1e-6, 10.0], [0.3, 0.3, 0.3])}
+
+
+@pytest.mark.parametrize("material", sorted(MATERIALS))
 @pytest.mark.parametrize("shape,chunk", [((4, 4, 4), 1 << 22), ((5, 6, 7), 1 << 22),
                                          ((3, 2, 4), 1 << 22), ((7, 5, 6), 6 * 5 * 6 * 2)])
-def test_operator_equals_assembled_matrix(shape, chunk, rng):
+def test_operator_equals_assembled_matrix(shape, chunk, material, rng):
     ph = rng.integers(0, 3, size=shape)
-    E, nu = [0.0, 1.0, 10.0], [0.3, 0.2, 0.35]
+    E, nu = MATERIALS[material]
     h = (0.9, 1.1, 1.3)
     op = ElasticityOperator.from_phases(ph, E, nu, h, chunk=chunk)
+    assert (op.lame_ratio is not None) == (material == "one-nu")
+    assert op.weight.shape[0] == (18 if material == "one-nu" else 25)
     assert (len(list(op._slabs(6))) > 1) == (chunk < 1000)
     K, Fm, _ = assemble(ph, E, nu, h)
     u = torch.randn(6, 3, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -106,11 +115,13 @@ def test_operator_symmetric_and_translations_in_null_space(rng):
     assert bool((op.dot(a, op.apply(a)) > 0).all())
 
 
-def test_float32_operator_matches_float64(rng):
+@pytest.mark.parametrize("nu", [[0.3, 0.25], [0.3, 0.3]])
+def test_float32_operator_matches_float64(nu, rng):
     shape = (6, 6, 6)
     ph = rng.integers(0, 2, size=shape)
-    op64 = ElasticityOperator.from_phases(ph, [1.0, 5.0], [0.3, 0.25], (1, 1, 1))
+    op64 = ElasticityOperator.from_phases(ph, [1e-6, 5.0], nu, (1, 1, 1))
     op32 = op64.to(dtype=torch.float32)
+    assert (op32.lame_ratio is None) == (nu[0] != nu[1])
     u = torch.randn(6, 3, *shape, dtype=torch.float64)
     y64 = op64.apply(u)
     y32 = op32.apply(u.float()).double()
