@@ -8,6 +8,7 @@ solver, all on the same periodic Q1 (trilinear hex, 2x2x2 Gauss) discretization.
 Solvers (each in a fresh subprocess, so peak RSS is its own; bench/peers/):
 
     ours-mg        solver.homogenize, PCG + geometric multigrid, float32 storage
+    ours-mg-g6     the same, the six load cases one after another (groups=6: less memory)
     ours-jacobi    solver.homogenize, PCG + Jacobi, float32 storage
     petsc-gamg     solver.petsc_ref, PETSc CG + GAMG (rigid-body near-null space), float64
     pyamg-sa       PyAMG smoothed aggregation (rigid-body B) + CG on solver/assembled.py's K
@@ -61,6 +62,10 @@ SOLVERS = {
     "ours-mg": ("ours PCG + multigrid (f32)", lambda p, a: [
         sys.executable, os.path.join(PEERS, "ours_runner.py"), p, "--precond", "multigrid",
         "--precision", "float32", "--rtol", str(a.rtol), "--threads", str(a.threads)]),
+    "ours-mg-g6": ("ours PCG + multigrid (f32), one case at a time", lambda p, a: [
+        sys.executable, os.path.join(PEERS, "ours_runner.py"), p, "--precond", "multigrid",
+        "--precision", "float32", "--rtol", str(a.rtol), "--threads", str(a.threads),
+        "--groups", "6"]),
     "ours-jacobi": ("ours PCG + Jacobi (f32)", lambda p, a: [
         sys.executable, os.path.join(PEERS, "ours_runner.py"), p, "--precond", "jacobi",
         "--precision", "float32", "--rtol", str(a.rtol), "--threads", str(a.threads)]),
