@@ -38,6 +38,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .domain import SerialDomain
 from .element import CORNERS
@@ -87,11 +88,11 @@ class ElementMatrixOperator:
         return [(tuple(slice(0, n) for n in self.domain.local_shape), None)]
 
     def _element_apply(self, box, tag, ue: torch.Tensor) -> torch.Tensor:
-        """(K_E u_E)^T for the voxels of ``box`` (flattened x-major): ue (V, B, 24) -> (V, B, 24).
+        """(K_E u_E)^T for the voxels of ``box`` (flattened x-major): ue (B, V, 24) -> (V, B, 24).
 
         Row-vector form u^T K^T: each small GEMM is (B x 24) (24 x 24) with the long
-        dimension contiguous, ~3x faster on CPU than K_E (24 x B) (BENCHMARKS.md)."""
-        return torch.bmm(ue, self.ke[box].reshape(-1, 24, 24).transpose(1, 2))
+        dimension contiguous, ~3x faster on CPU than K_E (24 x B)."""
+        return torch.bmm(ue.transpose(0, 1), self.ke[box].reshape(-1, 24, 24).transpose(1, 2))
 
     def _element_diagonal(self, box, tag) -> torch.Tensor:
         """diag(K_E) on ``box``: (n_x, n_y, n_z, 24)."""
@@ -101,9 +102,21 @@ class ElementMatrixOperator:
         """K_E on a box of owned voxels (slices, steps allowed): (..., 24, 24)."""
         return self.ke[box]
 
+    def _gather_weight(self) -> torch.Tensor:
+        """One-hot Conv3d weight (24, 3, 2, 2, 2): output channel 3 a + c is component
+        c at corner a (CORNERS order), so a convolution gathers every u_E at once."""
+        if getattr(self, "_gw", None) is None:
+            E = torch.zeros(24, 3, 2, 2, 2, dtype=self.dtype, device=self.device)
+            for a, (ax, ay, az) in enumerate(CORNERS):
+                for c in range(3):
+                    E[3 * a + c, c, ax, ay, az] = 1.0
+            self._gw = E.contiguous(memory_format=torch.channels_last_3d)
+        return self._gw
+
     def apply(self, u: torch.Tensor) -> torch.Tensor:
         B = u.shape[0]
-        ug = self.domain.ghost(u, hi=1)
+        ug = self.domain.ghost(u, hi=1).contiguous(memory_format=torch.channels_last_3d)
+        gw = self._gather_weight()
         lx, ly, lz = self.domain.local_shape
         # nodal sums gather in a node-major (x, y, z, B, 3) buffer: each corner's
         # element vectors (V, B, 3) add in as contiguous rows
@@ -114,11 +127,10 @@ class ElementMatrixOperator:
             for x0 in range(bx.start, bx.stop, per_x):
                 x1 = min(bx.stop, x0 + per_x)
                 nx = x1 - x0
-                # u_E of every voxel as (V, B, 24), dof 3 a + c, corners a in CORNERS
-                # (lexicographic) order: one strided copy of the 2x2x2 windows
+                # u_E of every voxel, dof 3 a + c: the one-hot convolution writes them
+                # channels-last, i.e. (B, V, 24) in memory (3x faster than a strided copy)
                 win = ug[:, :, x0:x1 + 1, by.start:by.stop + 1, bz.start:bz.stop + 1]
-                ue = (win.unfold(2, 2, 1).unfold(3, 2, 1).unfold(4, 2, 1)
-                      .permute(2, 3, 4, 0, 5, 6, 7, 1).reshape(nx * ny * nz, B, 24))
+                ue = F.conv3d(win, gw).permute(0, 2, 3, 4, 1).reshape(B, nx * ny * nz, 24)
                 fe = self._element_apply((slice(x0, x1), by, bz), tag, ue).view(nx, ny, nz, B, 24)
                 for a, (ax, ay, az) in enumerate(CORNERS):
                     yg[x0 + ax:x1 + ax, by.start + ay:by.stop + ay, bz.start + az:bz.stop + az] += \
@@ -154,21 +166,24 @@ class GalerkinCoefficientOperator(ElementMatrixOperator):
             = sum_j w_{E,j} B_{k(E),j},       j < 16 (8 children x 2),
 
     with the 16 fixed 24 x 24 matrices B_k of the voxel's kind k (full / single cell
-    per axis: at most 8 kinds, each a box of voxels). Storing w (16 numbers per coarse
-    voxel) instead of K_E (576) cuts the level's memory 36x; K_E is rebuilt in blocks
+    per axis: at most 8 kinds, each a box of voxels). With one Poisson ratio everywhere
+    (the fine operator's ``lame_ratio`` r) the pairs merge: w = mu_c, B = P_c^T (K_mu +
+    r K_lambda) P_c, j < 8. Storing w (16 or 8 numbers per coarse voxel) instead of
+    K_E (576) cuts the level's memory 36x (72x); K_E is rebuilt in blocks
     of ``sub`` voxels (one small GEMM, in cache) just before the batched matvec, which
     on CPU costs about the same as streaming stored matrices (BENCHMARKS.md)."""
 
     def __init__(self, coef: torch.Tensor, boxes, bases: torch.Tensor, domain,
                  chunk: int = 1 << 20, sub: int = 512):
-        self.coef = coef                  # (l_x, l_y, l_z, 16)
+        self.coef = coef                  # (l_x, l_y, l_z, nw), nw = 16 or 8
         self.boxes = list(boxes)          # [(box slices, kind index)]
-        self.bases = bases                # (kinds, 16, 576)
+        self.bases = bases                # (kinds, nw, 576)
+        self.nw = int(coef.shape[-1])
         self.domain = domain
         self.dtype, self.device = coef.dtype, coef.device
         self.chunk, self.sub = int(chunk), int(sub)
         self._diag = None
-        self._diag_bases = torch.diagonal(bases.reshape(-1, 16, 24, 24), dim1=-2, dim2=-1)  # (kinds, 16, 24)
+        self._diag_bases = torch.diagonal(bases.reshape(-1, self.nw, 24, 24), dim1=-2, dim2=-1)  # (kinds, nw, 24)
         kind = torch.zeros(tuple(domain.local_shape), dtype=torch.uint8, device=coef.device)
         for box, k in self.boxes:
             kind[box] = k
@@ -182,12 +197,13 @@ class GalerkinCoefficientOperator(ElementMatrixOperator):
         return self.boxes
 
     def _element_apply(self, box, k, ue):
-        w = self.coef[box].reshape(-1, 16)
+        w = self.coef[box].reshape(-1, self.nw)
         basis = self.bases[k]
-        out = torch.empty_like(ue)
-        for s in range(0, ue.shape[0], self.sub):
+        B, V = ue.shape[:2]
+        out = torch.empty(V, B, 24, dtype=ue.dtype, device=ue.device)
+        for s in range(0, V, self.sub):
             ke = (w[s:s + self.sub] @ basis).view(-1, 24, 24)
-            torch.bmm(ue[s:s + self.sub], ke.transpose(1, 2), out=out[s:s + self.sub])
+            torch.bmm(ue[:, s:s + self.sub].transpose(0, 1), ke.transpose(1, 2), out=out[s:s + self.sub])
         return out
 
     def _element_diagonal(self, box, k):
@@ -233,17 +249,23 @@ def galerkin_coefficient_operator(op, ratios, cdom, chunk: int = 1 << 20) -> Gal
     """R K P of the matrix-free fine operator in coefficient form (w, B_k per kind)."""
     K_lam = torch.as_tensor(op._K_lam_np, dtype=torch.float64, device=op.device)
     K_mu = torch.as_tensor(op._K_mu_np, dtype=torch.float64, device=op.device)
-    coef = torch.zeros(tuple(cdom.local_shape) + (16,), dtype=op.dtype, device=op.device)
+    r = op.lame_ratio
+    per = 2 if r is None else 1                       # weights per child
+    coef = torch.zeros(tuple(cdom.local_shape) + (8 * per,), dtype=op.dtype, device=op.device)
     kinds, bases, count = {}, [], {}
     for cbox, fbox, Pc in galerkin_blocks(op.domain.local_shape, ratios):
         key = tuple((s.start, s.stop) for s in cbox)
         if key not in kinds:
             kinds[key] = len(bases)
-            bases.append(torch.zeros(16, 576, dtype=torch.float64, device=op.device))
+            bases.append(torch.zeros(8 * per, 576, dtype=torch.float64, device=op.device))
             count[key] = 0
         k, j = kinds[key], count[key]
         count[key] += 1
         P = torch.as_tensor(Pc, dtype=torch.float64, device=op.device)
+        if r is not None:
+            bases[k][j] = (P.T @ (K_mu + r * K_lam) @ P).reshape(-1)
+            coef[cbox + (j,)] = op.mu[fbox]
+            continue
         bases[k][2 * j] = (P.T @ K_lam @ P).reshape(-1)
         bases[k][2 * j + 1] = (P.T @ K_mu @ P).reshape(-1)
         coef[cbox + (2 * j,)] = op.lam[fbox]
@@ -412,7 +434,7 @@ class MultigridPreconditioner:
                  f"  {'level':>5} {'grid':>16} {'unknowns':>12} {'memory MB':>10}  operator / smoother"]
         for i, lv in enumerate(self.levels):
             kind = ("matrix-free lambda, mu" if isinstance(lv.op, ElasticityOperator) else
-                    "16 Lame weights per voxel" if isinstance(lv.op, GalerkinCoefficientOperator) else
+                    f"{lv.op.nw} Lame weights per voxel" if isinstance(lv.op, GalerkinCoefficientOperator) else
                     "24x24 per voxel")
             sm = repr(lv.smoother) if lv.smoother is not None else "coarse: " + repr(self.coarse_solver)
             grid = "x".join(str(n) for n in lv.shape)
@@ -439,8 +461,9 @@ def build_multigrid(op, smoother: str = "chebyshev", degree: int = 2, ratio: flo
     solve the coarsest exactly (``DenseCoarseSolver``). ``smoother`` is a key of
     solver.smoothers.SMOOTHERS: 'chebyshev' (``degree``, eigenvalue ``ratio``) or
     'jacobi' (``steps``); ``safety`` multiplies the Lanczos estimate of lambda_max(D^-1 K).
-    ``level1``: 'coefficients' keeps the first coarse level as 16 Lame weights per voxel
-    (GalerkinCoefficientOperator, 36x less memory), 'matrices' stores its 24 x 24 K_E.
+    ``level1``: 'coefficients' keeps the first coarse level as 16 Lame weights per voxel,
+    8 with one Poisson ratio (GalerkinCoefficientOperator, 36x / 72x less memory),
+    'matrices' stores its 24 x 24 K_E.
     Returns the callable preconditioner r -> z (setup time in ``.setup_time``)."""
     t0 = time.perf_counter()
     if level1 not in ("coefficients", "matrices"):
