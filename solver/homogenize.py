@@ -119,7 +119,7 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
     parts = []
     for g in range(groups):
         idx = slice(g * size, (g + 1) * size)
-        f = op.rhs()[idx].contiguous(memory_format=torch.channels_last_3d) if groups > 1 else op.rhs()
+        f = op.rhs(cases=range(g * size, (g + 1) * size))
         xg = x0[idx] if (x0 is not None and groups > 1) else x0
         parts.append(pcg(op, f, x0=xg, precond=M, rtol=rtol, ctol=ctol, maxiter=maxiter,
                          energy0=energy0[idx], callback=callback, fscale=fscale[idx]))

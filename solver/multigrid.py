@@ -152,6 +152,7 @@ class ElementMatrixOperator:
         return self._diag
 
     dot = ElasticityOperator.dot
+    _local_dot = ElasticityOperator._local_dot
     gram = ElasticityOperator.gram
     project_mean_free = ElasticityOperator.project_mean_free
 

@@ -209,14 +209,17 @@ class ElasticityOperator:
             self._diag = self.assemble(vf, 1)
         return self._diag
 
-    def rhs(self, absolute: bool = False) -> torch.Tensor:
-        """f^i = sum_e k_e chi0^i_e for the six unit strains: (6, 3, l_x, l_y, l_z).
+    def rhs(self, absolute: bool = False, cases=None) -> torch.Tensor:
+        """f^i = sum_e k_e chi0^i_e for the six unit strains: (6, 3, l_x, l_y, l_z),
+        or only the load cases i in ``cases`` (a sequence of indices 0..5).
 
         ``absolute=True`` assembles |k_e chi0^i_e| instead: the scale against which
         a cancelling f (a homogeneous cell has f = 0) is judged to be zero."""
         U0 = affine_element_displacements(self.h)                      # (6, 24)
+        if cases is not None:
+            U0 = U0[list(cases)]
         vf = self._lame_combination(U0 @ self._K_lam_np, U0 @ self._K_mu_np)
-        return self.assemble((lambda x0, x1: vf(x0, x1).abs()) if absolute else vf, 6)
+        return self.assemble((lambda x0, x1: vf(x0, x1).abs()) if absolute else vf, U0.shape[0])
 
     def mean_stiffness(self) -> torch.Tensor:
         """Voigt average <C> over the global cell (6, 6), float64: sum_e chi0^T k_e chi0 / |Omega|."""
@@ -232,6 +235,10 @@ class ElasticityOperator:
 
         Partial dot products over short rows (one z-line of nodes, 3 l_z values) in
         the storage precision, then float64 across rows and ranks."""
+        return self.domain.sum(self._local_dot(a, b))
+
+    def _local_dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """dot() over this rank's nodes only (no reduction across ranks)."""
         cl = torch.channels_last_3d
         if a.dim() == 5 and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl) \
                 and a.shape == b.shape:
@@ -241,7 +248,7 @@ class ElasticityOperator:
             part = torch.bmm(ra, rb).reshape(B, X * Y)
         else:
             part = (a * b).sum(dim=(1, 4)).reshape(a.shape[0], -1)
-        return self.domain.sum(part.to(torch.float64).sum(dim=1))
+        return part.to(torch.float64).sum(dim=1)
 
     def gram(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """G_ij = <a_i, b_j> over the global grid, (B, B) float64."""
@@ -266,12 +273,24 @@ class ElasticityOperator:
             |Omega| C_ij = sum_e (chi0^i - chi^i)_e^T k_e (chi0^j - chi^j)_e
                          = |Omega| <C>_ij - f^i.chi^j - f^j.chi^i + chi^i.K chi^j
 
-        evaluated in float64 whatever the storage precision.
+        evaluated in float64 whatever the storage precision, one load case j at a
+        time (K chi^j and f^j in float64, chi^i converted as needed): the float64
+        temporaries are a few one-case fields, not six-case ones, so C^H does not
+        set the solve's peak memory.
         """
         op = self if self.dtype == torch.float64 else self.to(dtype=torch.float64)
-        chi = chi.to(torch.float64)
-        f = op.rhs()
-        Fc = op.gram(f, chi)
-        G = op.gram(chi, op.apply(chi))
+        B = chi.shape[0]
+        G = torch.zeros(B, B, dtype=torch.float64, device=self.device)
+        Fc = torch.zeros_like(G)
+        for j in range(B):
+            xj = chi[j:j + 1].to(torch.float64)
+            yj = op.apply(xj)
+            fj = op.rhs(cases=[j])
+            for i in range(B):
+                xi = xj if i == j else chi[i:i + 1].to(torch.float64)
+                G[i, j] = op._local_dot(xi, yj)[0]
+                Fc[j, i] = op._local_dot(fj, xi)[0]
+            del xj, yj, fj
+        G, Fc = op.domain.sum(torch.stack([G, Fc]))
         C = op.mean_stiffness() + (G - Fc - Fc.T) / op.volume
         return 0.5 * (C + C.T)
