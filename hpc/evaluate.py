@@ -536,6 +536,11 @@ def _mean(v):
     return float(np.mean(v)) if v else None
 
 
+def _median(v):
+    v = [x for x in v if x is not None and math.isfinite(x)]
+    return float(np.median(v)) if v else None
+
+
 def _max(v):
     v = [x for x in v if x is not None and math.isfinite(x)]
     return float(np.max(v)) if v else None
@@ -558,6 +563,7 @@ def aggregate(cells: List[dict], label: str, t: int, edges: Sequence[float]) -> 
     def row(fam, b, sel):
         return {"label": label, "t": int(t), "family": fam, "vf_bin": b, "count": len(sel),
                 "delta_mean": _mean([m["delta"] for m in sel]), "delta_max": _max([m["delta"] for m in sel]),
+                "delta_median": _median([m["delta"] for m in sel]),
                 "residual_mean": _mean([m["residual"] for m in sel]),
                 "energy_mean": _mean([m["energy"] for m in sel])}
 
@@ -654,14 +660,19 @@ def render_markdown(report: dict) -> str:
         base = report["models"][0]["config"]
         fam_list = list(data["cells_per_family"])
         header = ["model", "differs from first", "t", "n"] + [f"delta {f}" for f in fam_list] + \
-                 ["delta all", "delta max", "res all"]
+                 ["delta all", "delta max"] + [f"median {f}" for f in fam_list] + \
+                 ["median all", "res all", "energy all"]
         body = []
         for r in report["ablation"]:
             md = next(d for d in report["models"] if d["label"] == r["label"])
             body.append([f"`{r['label']}`", config_diff(md["config"], base), r["t"], r["count"]]
                         + [_fmt(r["delta_mean_" + f]) for f in fam_list]
-                        + [_fmt(r["delta_mean"]), _fmt(r["delta_max"]), _fmt(r["residual_mean"], ".2g")])
-        lines += ["", "### Ablations (delta mean per family)", "", markdown_table(header, body)]
+                        + [_fmt(r["delta_mean"]), _fmt(r["delta_max"])]
+                        + [_fmt(r["delta_median_" + f]) for f in fam_list]
+                        + [_fmt(r["delta_median"]), _fmt(r["residual_mean"], ".2g"),
+                           _fmt(r["energy_mean"], ".5g")])
+        lines += ["", "### Ablations (delta mean and median per family; energy: the training objective "
+                  "per unit volume, mean over the cells, lower is better)", "", markdown_table(header, body)]
     if report.get("solve_aggregates"):
         s = st["solve"]
         tgt = f"delta<={s['delta_target']:g}"
@@ -696,11 +707,12 @@ def ablation_rows(report_cells: List[dict], models: List[EvalModel], t_override:
             agg = aggregate(report_cells, md.label, t, edges)
             tot = agg[-1]
             r = {"label": md.label, "t": int(t), "count": tot["count"], "delta_mean": tot["delta_mean"],
-                 "delta_max": tot["delta_max"], "residual_mean": tot["residual_mean"],
+                 "delta_median": tot["delta_median"], "delta_max": tot["delta_max"], "residual_mean": tot["residual_mean"],
                  "energy_mean": tot["energy_mean"]}
             for f in fams:
                 fr = [a for a in agg if a["family"] == f and a["vf_bin"] == "all"]
                 r["delta_mean_" + f] = fr[0]["delta_mean"] if fr else None
+                r["delta_median_" + f] = fr[0]["delta_median"] if fr else None
             rows.append(r)
     return rows
 

@@ -130,7 +130,8 @@ class ElementMatrixOperator:
                 # u_E of every voxel, dof 3 a + c: the one-hot convolution writes them
                 # channels-last, i.e. (B, V, 24) in memory (3x faster than a strided copy)
                 win = ug[:, :, x0:x1 + 1, by.start:by.stop + 1, bz.start:bz.stop + 1]
-                ue = F.conv3d(win, gw).permute(0, 2, 3, 4, 1).reshape(B, nx * ny * nz, 24)
+                # (.contiguous(): with one load case oneDNN may return channels-first)
+                ue = F.conv3d(win, gw).permute(0, 2, 3, 4, 1).contiguous().reshape(B, nx * ny * nz, 24)
                 fe = self._element_apply((slice(x0, x1), by, bz), tag, ue).view(nx, ny, nz, B, 24)
                 for a, (ax, ay, az) in enumerate(CORNERS):
                     yg[x0 + ax:x1 + ax, by.start + ay:by.stop + ay, bz.start + az:bz.stop + az] += \

@@ -150,6 +150,7 @@ def test_aggregation_counts_add_up(tmp_path, data_dir, models, first):
     assert tot["count"] == n
     assert tot["delta_max"] == pytest.approx(max(c["models"]["full"]["0"]["delta"] for c in rep["cells"]))
     assert tot["delta_mean"] == pytest.approx(np.mean([c["models"]["full"]["0"]["delta"] for c in rep["cells"]]))
+    assert tot["delta_median"] == pytest.approx(np.median([c["models"]["full"]["0"]["delta"] for c in rep["cells"]]))
     assert {c["vf_bin"] for c in rep["cells"]} <= {"<0.20", "0.20-0.30", ">0.30"}
     for c in rep["cells"]:
         assert c["vf_bin"] == ev.vf_bin(c["vf"], [0.2, 0.3])
@@ -222,6 +223,13 @@ def test_ablation_table(tmp_path, data_dir, models, first):
     assert [(r["label"], r["t"], r["count"]) for r in rep["ablation"]] == [("full", 2, 3), ("WO-CS", 0, 3)]
     assert rep["t_per_model"] == {"full": [0, 1, 2, 4, 8, 10], "WO-CS": [0, 1, 4, 8, 10]}
     assert "use_pcg=False" in rep["markdown"] and "### Ablations" in rep["markdown"]
+    full = rep["ablation"][0]
+    own = [c["models"]["full"]["2"] for c in rep["cells"]]
+    assert full["delta_median"] == pytest.approx(np.median([m["delta"] for m in own]))
+    assert full["energy_mean"] == pytest.approx(np.mean([m["energy"] for m in own]))
+    for f in ("tpms", "lattice", "shell"):
+        (one,) = [c["models"]["full"]["2"]["delta"] for c in rep["cells"] if c["family"] == f]
+        assert full["delta_median_" + f] == pytest.approx(one)
     assert rep["references"]["cached"] == 3 and not os.path.exists(tmp_path / "references.h5")
 
 
