@@ -15,7 +15,7 @@ decompositions. When every voxel has the same lambda / mu = r (one Poisson ratio
 a solid and its soft void), k_e = mu_e (K_mu + r K_lambda) and G has 18 rows
 (rank 18) with S_e = mu_e I: 28% fewer multiply-adds per apply. So
 
-    v = G u_e          gather + GEMM   = Conv3d(u, W), kernel 2x2x2, 25 outputs
+    v = G u_e          gather + GEMM   = Conv3d(u, W), kernel 2x2x2, 25 (or 18) outputs
     v <- S_e v         per-voxel scaling
     y = sum_e G^T v    GEMM + scatter  = ConvTranspose3d(v, W), then Domain.accumulate
 
