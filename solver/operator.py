@@ -17,11 +17,12 @@ a solid and its soft void), k_e = mu_e (K_mu + r K_lambda) and G has 18 rows
 
     v = G u_e          gather + GEMM   = Conv3d(u, W), kernel 2x2x2, 25 (or 18) outputs
     v <- S_e v         per-voxel scaling
-    y = sum_e G^T v    GEMM + scatter  = ConvTranspose3d(v, W), then Domain.accumulate
+    y = sum_e G^T v    GEMM + gather   = Conv3d(v, W flipped and transposed)
 
-Only the high-side ghost layer of u is needed (Domain.ghost(u, hi=1)); the high-side
-node layer of y belongs to the neighbour and is folded back by Domain.accumulate.
-Both convolutions run in channels-last layout (oneDNN on CPU, cuDNN on CUDA).
+v is made on the voxels -1 .. l-1 of each axis (u with one ghost layer on each side,
+Domain.ghost(u, lo=1, hi=1)), so every owned node finds its eight voxels and y needs
+no ghost layers folded back. Both convolutions run in channels-last layout (oneDNN on
+CPU, cuDNN on CUDA).
 """
 from __future__ import annotations
 
@@ -53,11 +54,12 @@ class ElasticityOperator:
         from them).
     h : voxel size (h_x, h_y, h_z).
     domain : SerialDomain or an MPI domain with the same interface.
-    chunk : voxels x load cases per apply slab (bounds the (B, 25, slab) temporary;
-        small slabs stay in cache: 2^17 measured fastest on CPU, BENCHMARKS.md).
+    chunk : voxels x load cases per apply slab (bounds the (B, 25, slab) temporary
+        to ~100 MB float32; 2^20 measured as fast as whole blocks at 128^3 on CPU,
+        2^17 was 1.5x slower with the gather form, BENCHMARKS.md).
     """
 
-    def __init__(self, lam: torch.Tensor, mu: torch.Tensor, h, domain=None, chunk: int = 1 << 17):
+    def __init__(self, lam: torch.Tensor, mu: torch.Tensor, h, domain=None, chunk: int = 1 << 20):
         self.domain = domain if domain is not None else SerialDomain(lam.shape)
         if tuple(lam.shape) != tuple(self.domain.local_shape):
             raise ValueError(f"material shape {tuple(lam.shape)} != local block {self.domain.local_shape}")
@@ -166,19 +168,52 @@ class ElasticityOperator:
             yg[:, :, x0 + ax:x0 + ax + nx, ay:ay + ny, az:az + nz] += fe[:, 3 * a:3 * a + 3]
 
     def apply(self, u: torch.Tensor) -> torch.Tensor:
-        """y = K u for u of shape (B, 3, l_x, l_y, l_z)."""
+        """y = K u for u of shape (B, 3, l_x, l_y, l_z).
+
+        Both steps are forward convolutions: v = S_e G u_e on the voxels -1 .. l-1 of
+        each axis (u ghosted by one layer on both sides), then node n gathers the
+        G^T v of its eight voxels n - c, c in {0, 1}^3, which is a Conv3d with the
+        weight flipped and transposed. oneDNN's forward kernel is ~1.5x faster than
+        ConvTranspose3d here, and no ghost layer of y needs folding back. The voxel
+        slabs bound the (B, rows, slab) temporary."""
         B = u.shape[0]
         cl = torch.channels_last_3d
-        ug = self.domain.ghost(u, hi=1).contiguous(memory_format=cl)
+        ug = self.domain.ghost(u, lo=1, hi=1)
+        if not ug.is_contiguous(memory_format=cl):
+            ug = ug.contiguous(memory_format=cl)
+        wt, s_lo = self._scatter_weight(), self._scale_lo()
         slabs = list(self._slabs(B))
         if len(slabs) == 1:
-            yg = F.conv_transpose3d(self._scale_(F.conv3d(ug, self.weight)), self.weight)
-        else:
-            yg = torch.zeros_like(ug)
-            for x0, x1 in slabs:
-                v = self._scale_(F.conv3d(ug[:, :, x0:x1 + 1], self.weight), x0, x1)
-                yg[:, :, x0:x1 + 1] += F.conv_transpose3d(v, self.weight)
-        return self.domain.accumulate(yg, hi=1).contiguous(memory_format=cl)
+            return F.conv3d(self._scale_lo_(F.conv3d(ug, self.weight), s_lo), wt)
+        y = torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=cl)
+        for x0, x1 in slabs:
+            v = F.conv3d(ug[:, :, x0:x1 + 2], self.weight)
+            if not v.is_contiguous(memory_format=cl):     # oneDNN may answer channels-first for B = 1
+                v = v.contiguous(memory_format=cl)
+            y[:, :, x0:x1] = F.conv3d(self._scale_lo_(v, s_lo, x0, x1 + 1), wt)
+        return y
+
+    def _scatter_weight(self) -> torch.Tensor:
+        """The Conv3d weight (3, rows, 2, 2, 2) that sums G^T v over a node's voxels."""
+        if getattr(self, "_wt", None) is None or self._wt.dtype != self.weight.dtype:
+            self._wt = self.weight.flip(2, 3, 4).transpose(0, 1).contiguous(
+                memory_format=torch.channels_last_3d)
+        return self._wt
+
+    def _scale_lo(self):
+        """(lambda, mu) on the voxels -1 .. l-1 of each axis (one low ghost layer)."""
+        if getattr(self, "_s_lo", None) is None:
+            g = lambda t: self.domain.ghost(t, lo=1, hi=0).contiguous()
+            self._s_lo = (g(self.lam) if self.n_lam else None, g(self.mu))
+        return self._s_lo
+
+    def _scale_lo_(self, v, s_lo, x0: int = 0, x1: Optional[int] = None):
+        lam, mu = s_lo
+        if self.n_lam == 0:
+            return v.mul_(mu[x0:x1])
+        v[:, :self.n_lam].mul_(lam[x0:x1])
+        v[:, self.n_lam:].mul_(mu[x0:x1])
+        return v
 
     __call__ = apply
 
