@@ -15,9 +15,13 @@ Reproducibility: sample i of a data set is family ``families[i % F]`` (so every 
 mixes the families) with its parameters drawn from ``np.random.default_rng([seed, i])``;
 a shard is samples [s * shard_size, (s + 1) * shard_size). Any shard can therefore be
 regenerated on its own, and the data do not depend on how many workers made them. When
-the generator cannot meet a draw (CellError), the parameters are drawn again from
-``default_rng([seed, i, attempt])``, attempt = 1, 2, ... up to ``max_redraws``; the
-rejected draws and their errors are recorded in the sample's params.
+the generator cannot meet a draw (CellError), or (``require_percolation``, the default)
+its solid does not percolate along all three axes (microstructures.percolates: a
+face-connected solid cluster that wraps around the period), the parameters are drawn
+again from ``default_rng([seed, i, attempt])``, attempt = 1, 2, ... up to
+``max_redraws``; the rejected draws and their reasons are recorded in the sample's
+params. A cell whose solid does not span the period has a C^H at the level of the soft
+void (1e-6 E): it carries no load, and its relative errors mean nothing.
 
 Shard file ``<out_dir>/<name>-<shard:05d>.h5``, written atomically (temporary file, rename)::
 
@@ -74,6 +78,7 @@ class DataConfig:
     random_nodes: Sequence[int] = (6, 12)         # inclusive range of random-graph nodes
     random_k: Sequence[int] = (3, 4)              # inclusive range of neighbours per node
     max_redraws: int = 16
+    require_percolation: bool = True              # redraw cells whose solid does not span all axes
     out_dir: Optional[str] = None                 # default data/<name>
 
     def __post_init__(self):
@@ -184,6 +189,7 @@ def build_cell(p: dict):
 def make_sample(cfg: DataConfig, index: int) -> tuple:
     """(phases uint8 (n, n, n), params dict) of sample ``index``, redrawing
     deterministically on CellError; the params record the rejected draws."""
+    from microstructures import percolates
     from microstructures.cell import CellError
     rejected = []
     for attempt in range(cfg.max_redraws + 1):
@@ -193,6 +199,12 @@ def make_sample(cfg: DataConfig, index: int) -> tuple:
         except CellError as e:
             rejected.append({"attempt": attempt, "error": " ".join(str(e).split())})
             continue
+        if cfg.require_percolation:
+            perc = percolates(cell)
+            if not all(perc):
+                axes = ", ".join(ax for ax, ok in zip("xyz", perc) if not ok)
+                rejected.append({"attempt": attempt, "error": f"the solid does not percolate along {axes}"})
+                continue
         phases = (np.asarray(cell.phases) > 0).astype(np.uint8)   # 0 void, 1 solid
         p.update(attempt=attempt, rejected=rejected, vf_achieved=float(phases.mean()),
                  cell_params=cell.params)

@@ -123,7 +123,7 @@ def test_dataset_indexing_and_filters(serial, tmp_path):
 
 
 def test_redraw_is_deterministic_and_recorded(tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path, samples_per_family=1, shard_size=3)
+    cfg = _cfg(tmp_path, samples_per_family=1, shard_size=3, require_percolation=False)   # CellError only
     bad = draw_params(cfg, 2, 0)
     real = data.build_cell
 
@@ -140,6 +140,39 @@ def test_redraw_is_deterministic_and_recorded(tmp_path, monkeypatch):
     assert np.array_equal(d1["phases"][2], (real(draw_params(cfg, 2, 1)).phases > 0).astype(np.uint8))
     make_shard(cfg.to_dict(), 0, overwrite=True)
     assert np.array_equal(_read(cfg.shard_path(0))[0]["phases"], d1["phases"])
+
+
+def test_non_percolating_draws_are_redrawn(serial, tmp_path, monkeypatch):
+    """Every stored solid spans the period along x, y and z; a draw whose solid does not
+    (an isolated sphere here) is redrawn and the reason recorded. With
+    require_percolation off, such a cell is kept."""
+    from microstructures import percolates
+    ds = ShardedDataset(serial.out_dir)
+    assert all(all(percolates(ds.phases(k) > 0)) for k in range(len(ds)))
+    cfg = _cfg(tmp_path / "on", samples_per_family=1, shard_size=3)
+    bad = draw_params(cfg, 1, 0)
+    real = data.build_cell
+
+    def isolated(p):
+        cell = real(p)
+        if p == bad:
+            ph = np.zeros_like(cell.phases)
+            x = np.arange(cfg.n) - cfg.n / 2
+            ph[(x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2) < (cfg.n / 3) ** 2] = 1
+            cell.phases[...] = ph
+        return cell
+    monkeypatch.setattr(data, "build_cell", isolated)
+    make_shard(cfg.to_dict(), 0)
+    d, _ = _read(cfg.shard_path(0))
+    p = json.loads(d["params"][1])
+    assert p["attempt"] >= 1 and p["rejected"][0]["attempt"] == 0
+    assert "does not percolate along x, y, z" in p["rejected"][0]["error"]
+    assert all(all(percolates(ph > 0)) for ph in d["phases"])
+    off = _cfg(tmp_path / "off", samples_per_family=1, shard_size=3, require_percolation=False)
+    assert off.content_hash() != cfg.content_hash()
+    make_shard(off.to_dict(), 0)
+    assert json.loads(_read(off.shard_path(0))[0]["params"][1])["attempt"] == 0
+    assert percolates(_read(off.shard_path(0))[0]["phases"][1] > 0) == (False, False, False)
 
 
 def test_shard_write_is_atomic_and_rerun_keeps_current(tmp_path, monkeypatch):
