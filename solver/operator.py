@@ -144,11 +144,11 @@ class ElasticityOperator:
         v[:, self.n_lam:].mul_(self.mu[x0:x1])
         return v
 
-    def _slabs(self, B: int):
+    def _slabs(self, B: int, chunk: Optional[int] = None):
         lx, ly, lz = self.domain.local_shape
         # at most `chunk` voxel-cases per slab; a block that needs slabs at all gets at
         # least four, so the temporaries shrink with the block when it is decomposed
-        per_x = max(1, self.chunk // max(1, ly * lz * B))
+        per_x = max(1, (chunk or self.chunk) // max(1, ly * lz * B))
         if per_x < lx:
             per_x = min(per_x, -(-lx // 4))
         for x0 in range(0, lx, per_x):
@@ -168,14 +168,22 @@ class ElasticityOperator:
             yg[:, :, x0 + ax:x0 + ax + nx, ay:ay + ny, az:az + nz] += fe[:, 3 * a:3 * a + 3]
 
     def apply(self, u: torch.Tensor) -> torch.Tensor:
-        """y = K u for u of shape (B, 3, l_x, l_y, l_z).
+        """y = K u for u of shape (B, 3, l_x, l_y, l_z): ``_apply_gather``, or on CPU in
+        float64 ``_apply_scatter`` (PyTorch's reference float64 Conv3d, without oneDNN,
+        is ~3x slower with 18 inputs than the transposed convolution)."""
+        if self.dtype == torch.float64 and self.device.type == "cpu":
+            return self._apply_scatter(u)
+        return self._apply_gather(u)
 
-        Both steps are forward convolutions: v = S_e G u_e on the voxels -1 .. l-1 of
+    __call__ = apply
+
+    def _apply_gather(self, u: torch.Tensor) -> torch.Tensor:
+        """K u by two forward convolutions: v = S_e G u_e on the voxels -1 .. l-1 of
         each axis (u ghosted by one layer on both sides), then node n gathers the
         G^T v of its eight voxels n - c, c in {0, 1}^3, which is a Conv3d with the
-        weight flipped and transposed. oneDNN's forward kernel is ~1.5x faster than
-        ConvTranspose3d here, and no ghost layer of y needs folding back. The voxel
-        slabs bound the (B, rows, slab) temporary."""
+        weight flipped and transposed. oneDNN's forward kernel is faster than
+        ConvTranspose3d here (BENCHMARKS.md), and no ghost layer of y needs folding
+        back. The voxel slabs bound the (B, rows, slab) temporary."""
         B = u.shape[0]
         cl = torch.channels_last_3d
         ug = self.domain.ghost(u, lo=1, hi=1)
@@ -192,6 +200,22 @@ class ElasticityOperator:
                 v = v.contiguous(memory_format=cl)
             y[:, :, x0:x1] = F.conv3d(self._scale_lo_(v, s_lo, x0, x1 + 1), wt)
         return y
+
+    def _apply_scatter(self, u: torch.Tensor) -> torch.Tensor:
+        """y = K u as Conv3d, scaling, ConvTranspose3d on u with one high ghost layer,
+        then Domain.accumulate folds the high node layer of y back (slabs of chunk / 8)."""
+        B = u.shape[0]
+        cl = torch.channels_last_3d
+        ug = self.domain.ghost(u, hi=1).contiguous(memory_format=cl)
+        slabs = list(self._slabs(B, self.chunk >> 3))
+        if len(slabs) == 1:
+            yg = F.conv_transpose3d(self._scale_(F.conv3d(ug, self.weight)), self.weight)
+        else:
+            yg = torch.zeros_like(ug)
+            for x0, x1 in slabs:
+                v = self._scale_(F.conv3d(ug[:, :, x0:x1 + 1], self.weight), x0, x1)
+                yg[:, :, x0:x1 + 1] += F.conv_transpose3d(v, self.weight)
+        return self.domain.accumulate(yg, hi=1).contiguous(memory_format=cl)
 
     def _scatter_weight(self) -> torch.Tensor:
         """The Conv3d weight (3, rows, 2, 2, 2) that sums G^T v over a node's voxels."""
@@ -215,7 +239,6 @@ class ElasticityOperator:
         v[:, self.n_lam:].mul_(mu[x0:x1])
         return v
 
-    __call__ = apply
 
     def assemble_voxel_vectors(self, ve: torch.Tensor) -> torch.Tensor:
         """Assemble per-voxel element vectors (B, 24, l_x, l_y, l_z) into nodes."""

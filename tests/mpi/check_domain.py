@@ -9,7 +9,7 @@ Every rank checks its own block against a serial oracle built from the global ar
   accumulate(y) == the periodic fold of every rank's ghosted y (rebuilt from seeds),
   and <ghost(x), y> == <x, accumulate(y)>, for 1-D/2-D/3-D process grids, uneven and
   tiny blocks, lo/hi in 0..2; ok = all ranks agree it passed;
-* operator: ElasticityOperator.apply / diagonal / rhs on the block == serial;
+* operator: ElasticityOperator.apply (both forms) / diagonal / rhs on the block == serial;
 * gather: gather_field of a block field == the global field; setup_parallel reads the
   right hyperslab of the HDF5 file;
 * bad_cell: the collective CellError message (every rank must raise the same);
@@ -113,7 +113,9 @@ def check_operator(gshape, dims):
     U = torch.from_numpy(np.random.default_rng(5).standard_normal((6, 3) + gshape))
     sl = (slice(None), slice(None)) + dom.local_slice
     errs = []
-    for ys, yd in ((op_s.apply(U), op_d.apply(U[sl].contiguous())), (op_s.diagonal(), op_d.diagonal()),
+    Ul = U[sl].contiguous()
+    for ys, yd in ((op_s.apply(U), op_d.apply(Ul)), (op_s.apply(U), op_d._apply_gather(Ul)),
+                   (op_s.diagonal(), op_d.diagonal()),
                    (op_s.rhs(), op_d.rhs())):
         errs.append(float((yd - ys[sl]).abs().max() / ys.abs().max()))
     err = comm.allreduce(max(errs), op=MPI.MAX)
