@@ -189,7 +189,7 @@ class ElasticityOperator:
         ug = self.domain.ghost(u, lo=1, hi=1)
         if not ug.is_contiguous(memory_format=cl):
             ug = ug.contiguous(memory_format=cl)
-        wt, s_lo = self._scatter_weight(), self._scale_lo()
+        wt, s_lo = self._node_weight(), self._scale_lo()
         slabs = list(self._slabs(B))
         if len(slabs) == 1:
             return F.conv3d(self._scale_lo_(F.conv3d(ug, self.weight), s_lo), wt)
@@ -217,7 +217,7 @@ class ElasticityOperator:
                 yg[:, :, x0:x1 + 1] += F.conv_transpose3d(v, self.weight)
         return self.domain.accumulate(yg, hi=1).contiguous(memory_format=cl)
 
-    def _scatter_weight(self) -> torch.Tensor:
+    def _node_weight(self) -> torch.Tensor:
         """The Conv3d weight (3, rows, 2, 2, 2) that sums G^T v over a node's voxels."""
         if getattr(self, "_wt", None) is None or self._wt.dtype != self.weight.dtype:
             self._wt = self.weight.flip(2, 3, 4).transpose(0, 1).contiguous(
@@ -238,7 +238,6 @@ class ElasticityOperator:
         v[:, :self.n_lam].mul_(lam[x0:x1])
         v[:, self.n_lam:].mul_(mu[x0:x1])
         return v
-
 
     def assemble_voxel_vectors(self, ve: torch.Tensor) -> torch.Tensor:
         """Assemble per-voxel element vectors (B, 24, l_x, l_y, l_z) into nodes."""
