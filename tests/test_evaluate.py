@@ -211,6 +211,15 @@ def test_report_provenance_and_markdown(first, models):
     assert len(p["git_commit"]) in (0, 40)
     md = open(out / "ev.md").read()
     assert md == rep["markdown"] and sha[:12] in md and "| **all** | all | 3 |" in md
+    # every cell of a require_percolation data set percolates, and no warning is printed
+    assert all(c["percolates"] == [True, True, True] for c in rep["cells"]) and "Warning" not in md
+
+
+def test_percolation_note():
+    cells = [{"id": f"c{i}", "percolates": [True, True, i % 4 != 0]} for i in range(48)]
+    note = ev.percolation_note(cells)
+    assert note.startswith("**Warning:** 12 of 48 cells") and "`c0`" in note and "and 2 more" in note
+    assert ev.percolation_note([c for c in cells if all(c["percolates"])]) is None
 
 
 def test_ablation_table(tmp_path, data_dir, models, first):
