@@ -25,7 +25,7 @@ import numpy as np
 from . import generators
 from .cell import Cell, CellError
 from .io import read_cell, write_cell
-from .percolation import percolates
+from .percolation import percolates, spanning_rank
 from .vti import write_vti
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,9 @@ def _warn_percolation(cell: Cell) -> tuple[bool, bool, bool]:
     if missing:
         print(f"warning: the solid does not connect opposite faces in {', '.join(missing)}: "
               "the stiffness there is that of the soft void material", file=sys.stderr)
+    elif spanning_rank(cell) < 3:
+        print("warning: no single solid cluster spans three directions (separate rods or plates): "
+              "some modes of the stiffness are those of the soft void material", file=sys.stderr)
     return perc
 
 
@@ -291,10 +294,12 @@ def _cmd_info(args) -> int:
         print(f"    {p:3d}  {kind:32s} {counts[p] / total:8.4%} of voxels")
     print(f"  volume fraction (solid) {cell.volume_fraction:.4f}")
     perc = percolates(cell)
-    print("  percolates " + ", ".join(f"{ax} {'yes' if ok else 'no'}" for ax, ok in zip("xyz", perc)))
+    rank = spanning_rank(cell)
+    print("  percolates " + ", ".join(f"{ax} {'yes' if ok else 'no'}" for ax, ok in zip("xyz", perc))
+          + f"; one cluster spans {rank} direction{'s' if rank != 1 else ''}")
     if cell.generator:
         print(f"  generator  {cell.generator} {cell.params_json()}")
-    if not all(perc):
+    if not all(perc) or rank < 3:
         _warn_percolation(cell)
     return 0
 

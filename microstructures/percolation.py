@@ -19,17 +19,14 @@ from scipy import ndimage
 from .cell import Cell
 
 
-def percolates(cell) -> tuple[bool, bool, bool]:
-    """(x, y, z): whether a connected solid component wraps around the period in each axis.
-
-    ``cell``: a Cell (solid = E > 0) or a boolean solid mask (n_x, n_y, n_z).
-    """
+def _clusters(cell):
+    """Winding vectors per periodic solid cluster: {root label: [w, ...]} (integer
+    3-vectors: the net lattice shift of each independent cycle that closes in the
+    cluster), from the walk described in the module docstring."""
     mask = cell.solid_mask if isinstance(cell, Cell) else np.asarray(cell, dtype=bool)
     if mask.ndim != 3:
         raise ValueError(f"percolates: need a 3-D mask, got shape {mask.shape}")
     labels, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 1))
-    if count == 0:
-        return (False, False, False)
     graph = defaultdict(list)  # label -> [(neighbour label, shift)]
     for axis in range(3):
         hi = np.take(labels, -1, axis=axis).ravel()
@@ -43,11 +40,12 @@ def percolates(cell) -> tuple[bool, bool, bool]:
             graph[int(a)].append((int(b), shift))   # from the high face of a into b, one period on
             graph[int(b)].append((int(a), -shift))
     offset: dict[int, np.ndarray] = {}
-    wraps = np.zeros(3, dtype=bool)
+    clusters = {}
     for root in graph:
         if root in offset:
             continue
         offset[root] = np.zeros(3, dtype=np.int64)
+        windings = []
         queue = deque([root])
         while queue:
             u = queue.popleft()
@@ -56,7 +54,34 @@ def percolates(cell) -> tuple[bool, bool, bool]:
                     offset[v] = offset[u] + s
                     queue.append(v)
                 else:
-                    wraps |= (offset[u] + s - offset[v]) != 0
-        if wraps.all():
-            break
+                    w = offset[u] + s - offset[v]
+                    if w.any():
+                        windings.append(w)
+        clusters[root] = windings
+    return clusters
+
+
+def percolates(cell) -> tuple[bool, bool, bool]:
+    """(x, y, z): whether a connected solid component wraps around the period in each axis
+    (not necessarily the same component for every axis: see ``spanning_rank``).
+
+    ``cell``: a Cell (solid = E > 0) or a boolean solid mask (n_x, n_y, n_z).
+    """
+    wraps = np.zeros(3, dtype=bool)
+    for windings in _clusters(cell).values():
+        for w in windings:
+            wraps |= w != 0
     return tuple(bool(w) for w in wraps)
+
+
+def spanning_rank(cell) -> int:
+    """The largest dimension (0-3) of the lattice of periods that one face-connected
+    solid cluster wraps around: 3 when a single cluster spans the cell in three
+    independent directions (a load-bearing 3-D solid); 1 for rods, 2 for plates, and
+    also less than 3 for separate rods along x, y and z, which percolate along every
+    axis but leave the shear between them to the void."""
+    best = 0
+    for windings in _clusters(cell).values():
+        if windings:
+            best = max(best, int(np.linalg.matrix_rank(np.array(windings, dtype=np.float64))))
+    return best

@@ -17,7 +17,9 @@ a shard is samples [s * shard_size, (s + 1) * shard_size). Any shard can therefo
 regenerated on its own, and the data do not depend on how many workers made them. When
 the generator cannot meet a draw (CellError), or (``require_percolation``, the default)
 its solid does not percolate along all three axes (microstructures.percolates: a
-face-connected solid cluster that wraps around the period), the parameters are drawn
+face-connected solid cluster that wraps around the period) or no single cluster spans
+three independent directions (``spanning_rank`` < 3: separate rods or plates that
+percolate along every axis between them), the parameters are drawn
 again from ``default_rng([seed, i, attempt])``, attempt = 1, 2, ... up to
 ``max_redraws``; the rejected draws and their reasons are recorded in the sample's
 params. A cell whose solid does not span the period has a C^H at the level of the soft
@@ -78,7 +80,7 @@ class DataConfig:
     random_nodes: Sequence[int] = (6, 12)         # inclusive range of random-graph nodes
     random_k: Sequence[int] = (3, 4)              # inclusive range of neighbours per node
     max_redraws: int = 16
-    require_percolation: bool = True              # redraw cells whose solid does not span all axes
+    require_percolation: bool = True              # redraw cells whose solid does not span x, y, z
     out_dir: Optional[str] = None                 # default data/<name>
 
     def __post_init__(self):
@@ -191,6 +193,7 @@ def make_sample(cfg: DataConfig, index: int) -> tuple:
     deterministically on CellError; the params record the rejected draws."""
     from microstructures import percolates
     from microstructures.cell import CellError
+    from microstructures.percolation import spanning_rank
     rejected = []
     for attempt in range(cfg.max_redraws + 1):
         p = draw_params(cfg, index, attempt)
@@ -204,6 +207,11 @@ def make_sample(cfg: DataConfig, index: int) -> tuple:
             if not all(perc):
                 axes = ", ".join(ax for ax, ok in zip("xyz", perc) if not ok)
                 rejected.append({"attempt": attempt, "error": f"the solid does not percolate along {axes}"})
+                continue
+            rank = spanning_rank(cell)
+            if rank < 3:
+                rejected.append({"attempt": attempt, "error": f"no single solid cluster spans three directions "
+                                                              f"(at most {rank})"})
                 continue
         phases = (np.asarray(cell.phases) > 0).astype(np.uint8)   # 0 void, 1 solid
         p.update(attempt=attempt, rejected=rejected, vf_achieved=float(phases.mean()),

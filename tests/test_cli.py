@@ -110,6 +110,11 @@ def test_non_percolating_solid_warns(tmp_path, capsys):
     write_cell(Cell(ph, [0.0, 1.0], [0.3, 0.3]), p)
     main([p, "-q", "--maxiter", "50", "--preconditioner", "jacobi"])
     assert "does not percolate" in capsys.readouterr().err
+    ph = np.zeros((8, 8, 8), np.uint8)          # rods along x, y and z that never touch
+    ph[:, 0, 0] = ph[3, :, 3] = ph[6, 6, :] = 1
+    write_cell(Cell(ph, [0.0, 1.0], [0.3, 0.3]), p)
+    main([p, "-q", "--maxiter", "50", "--preconditioner", "jacobi"])
+    assert "no single solid cluster spans three directions" in capsys.readouterr().err
 
 
 def test_end_to_end_on_a_generated_cell(tmp_path):

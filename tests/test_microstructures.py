@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from microstructures import (Cell, CellError, default_cell, inclusions, laminate, lattice, percolates,
+from microstructures import (Cell, CellError, default_cell, inclusions, laminate, lattice, percolates, spanning_rank,
                              random_graph, shell_lattice, topology, topology_names, tpms, voronoi)
 from microstructures.generators import tpms_field
 from microstructures.generators.level import select
@@ -353,6 +353,15 @@ def test_percolation_of_simple_shapes():
     assert not hook[0][hook[-1]].any()
     assert percolates(hook) == (False, False, False)
     assert percolates(np.zeros((n, n, n), bool)) == (False, False, False)
+    # spanning rank: the dimension of the periods one cluster wraps around
+    assert [spanning_rank(m) for m in (rod, stair, layer, hook)] == [1, 1, 2, 0]
+    assert spanning_rank(default_cell()) == 3 and spanning_rank(np.zeros((n, n, n), bool)) == 0
+    frame = np.zeros((n, n, n), bool)              # three rods through one node: one 3-D cluster
+    frame[:, 0, 0] = frame[0, :, 0] = frame[0, 0, :] = True
+    assert percolates(frame) == (True, True, True) and spanning_rank(frame) == 3
+    apart = np.zeros((n, n, n), bool)              # the same rods, pairwise apart: every axis
+    apart[:, 0, 0] = apart[3, :, 3] = apart[6, 6, :] = True   # percolates, no cluster spans 3-D
+    assert percolates(apart) == (True, True, True) and spanning_rank(apart) == 1
 
 
 def test_anisotropic_grids_and_sizes():

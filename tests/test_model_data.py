@@ -146,9 +146,10 @@ def test_non_percolating_draws_are_redrawn(serial, tmp_path, monkeypatch):
     """Every stored solid spans the period along x, y and z; a draw whose solid does not
     (an isolated sphere here) is redrawn and the reason recorded. With
     require_percolation off, such a cell is kept."""
-    from microstructures import percolates
+    from microstructures import percolates, spanning_rank
     ds = ShardedDataset(serial.out_dir)
     assert all(all(percolates(ds.phases(k) > 0)) for k in range(len(ds)))
+    assert all(spanning_rank(ds.phases(k) > 0) == 3 for k in range(len(ds)))
     cfg = _cfg(tmp_path / "on", samples_per_family=1, shard_size=3)
     bad = draw_params(cfg, 1, 0)
     real = data.build_cell
