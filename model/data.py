@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("tpms", "lattice", "shell")
 FORMAT_VERSION = 1
+# The acceptance rules of make_sample (2: percolation along x, y, z and one cluster that
+# spans three directions). Part of the content hash, so shards made under other rules
+# are not taken as current and get regenerated.
+SAMPLING_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -129,6 +133,7 @@ class DataConfig:
         d = self.to_dict()
         for k in ("out_dir", "name", "split"):
             d.pop(k)
+        d["sampling_version"] = SAMPLING_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

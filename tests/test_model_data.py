@@ -174,6 +174,10 @@ def test_non_percolating_draws_are_redrawn(serial, tmp_path, monkeypatch):
     make_shard(off.to_dict(), 0)
     assert json.loads(_read(off.shard_path(0))[0]["params"][1])["attempt"] == 0
     assert percolates(_read(off.shard_path(0))[0]["phases"][1] > 0) == (False, False, False)
+    # shards made under other acceptance rules are stale
+    assert data.shard_is_current(cfg.shard_path(0), cfg, 0)
+    monkeypatch.setattr(data, "SAMPLING_VERSION", data.SAMPLING_VERSION - 1)
+    assert not data.shard_is_current(cfg.shard_path(0), cfg, 0)
 
 
 def test_shard_write_is_atomic_and_rerun_keeps_current(tmp_path, monkeypatch):
