@@ -46,8 +46,8 @@ For every cell:
    Aggregated per model and t over family x volume-fraction bin (``--vf-bins``, default
    edges 0.1 0.2 0.3 0.4; cells outside get a "<0.10" / ">0.40" bin, so the counts add
    up), per family, and over all cells: count, delta mean / max, residual mean, energy mean.
-   Each cell records whether its solid percolates along x, y, z; the Markdown warns when
-   some do not (their C^H is at the soft-void level and their relative deltas mean nothing).
+   Each cell records whether its solid percolates along x, y, z and its spanning rank
+   (microstructures.connectivity); the Markdown warns when some do not span all three (their C^H is at the soft-void level and their relative deltas mean nothing).
 3. With several models (ablations, LABEL=PATH): one summary row per label at its own t
    (``t`` of its config, 0 when it has no embedded PCG) unless ``--t`` is given (then at
    each listed t), with the config switches that differ from the first model.
@@ -619,14 +619,15 @@ def config_diff(cfg: dict, base: dict) -> str:
 
 
 def percolation_note(cells) -> Optional[str]:
-    """A warning line when some cells' solid does not percolate along all three axes
-    (their C^H sits at the soft-void level, so relative deltas on them mean nothing;
-    data sets made with require_percolation, the default, have none)."""
-    bad = [c["id"] for c in cells if not all(c.get("percolates", (True,) * 3))]
+    """A warning line when some cells' solid does not percolate along all three axes,
+    or does so only through separate clusters (spanning rank < 3): their C^H, or some
+    of its modes, sits at the soft-void level, so relative deltas on them mean nothing;
+    data sets made with require_percolation, the default, have none."""
+    bad = [c["id"] for c in cells if not all(c.get("percolates", (True,) * 3)) or c.get("spanning_rank", 3) < 3]
     if not bad:
         return None
     shown = ", ".join(f"`{b}`" for b in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-    return (f"**Warning:** {len(bad)} of {len(cells)} cells have a solid that does not percolate along "
+    return (f"**Warning:** {len(bad)} of {len(cells)} cells have no single solid cluster that spans "
             f"x, y and z ({shown}): their C^H is at the soft-void level and their deltas, which these "
             "means include, mean nothing. Regenerate the set with require_percolation (the default).")
 
@@ -820,7 +821,7 @@ def run(args, argv: Sequence[str]) -> dict:
     written to args.output). Raises InputError before any output on bad input."""
     import torch
 
-    from microstructures import percolates
+    from microstructures import connectivity
     from model.train import DTYPES, cell_operator
     validate(args)
     specs = parse_model_specs(args.models)
@@ -867,9 +868,10 @@ def run(args, argv: Sequence[str]) -> dict:
         C_ref, ref, cached = reference(cell, cache, cell_id, key, args.ref_rtol, args.soft, args.device)
         op = cell_operator(cell, dtype=eval_dtype, device=args.device, soft=args.soft)
         op64 = op if eval_dtype == torch.float64 else cell_operator(cell, torch.float64, args.device, args.soft)
+        perc, srank = connectivity(cell)
         rec = {"id": cell_id, "row": int(k), "index": int(ds.index[k]), "family": fam, "vf": vf,
                "vf_bin": vf_bin(vf, edges), "E": float(ds.E[k]), "nu": float(ds.nu[k]), "key": key,
-               "percolates": [bool(v) for v in percolates(cell)],
+               "percolates": list(perc), "spanning_rank": srank,
                "ref_cached": cached, "C_ref": C_ref, "ref_iterations": ref["iterations"],
                "ref_time": ref["time"], "models": {}, "inference_s": {}}
         for md in models:

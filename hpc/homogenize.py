@@ -237,13 +237,13 @@ def main(argv=None) -> int:
             return EXIT_INPUT
     if rank == 0 and domain is None:
         try:
-            from microstructures.percolation import percolates, spanning_rank
-            perc = percolates(cell)
+            from microstructures.percolation import connectivity
+            perc, span = connectivity(cell)
             bad = [ax for ax, ok in zip("xyz", perc) if not ok]
             if bad:
                 print(f"warning: the solid does not percolate along {', '.join(bad)}: "
                       f"C^H will be near the soft-void stiffness there", file=sys.stderr)
-            elif spanning_rank(cell) < 3:
+            elif span < 3:
                 print("warning: no single solid cluster spans three directions (separate rods or "
                       "plates): some modes of C^H will be near the soft-void stiffness", file=sys.stderr)
         except ImportError:

@@ -2,7 +2,7 @@
 
     Cell, CellError                 cell.py         phases + per-phase isotropic materials
     read_cell, write_cell, ...      io.py           HDF5 / .npy I/O, periodic block reads
-    percolates, spanning_rank       percolation.py  solid connectivity across the period
+    percolates, spanning_rank, ...  percolation.py  solid connectivity across the period
     write_vti                       vti.py          ParaView export
     tpms, lattice, ...              generators/     TPMS, strut and shell lattices, laminates,
                                                     inclusions, Voronoi polycrystals
@@ -12,11 +12,11 @@ from .cell import Cell, CellError
 from .generators import (inclusions, laminate, lattice, random_graph, shell_lattice, topology,
                          topology_names, tpms, voronoi)
 from .io import read_cell, read_header, read_phases_block, write_cell
-from .percolation import percolates, spanning_rank
+from .percolation import connectivity, percolates, spanning_rank
 from .vti import write_vti
 
 __all__ = ["Cell", "CellError", "read_cell", "write_cell", "read_header", "read_phases_block", "percolates",
-           "spanning_rank",
+           "spanning_rank", "connectivity",
            "write_vti", "default_cell", "tpms", "lattice", "shell_lattice", "laminate", "inclusions", "voronoi",
            "topology", "topology_names", "random_graph"]
 

@@ -25,7 +25,7 @@ import numpy as np
 from . import generators
 from .cell import Cell, CellError
 from .io import read_cell, write_cell
-from .percolation import percolates, spanning_rank
+from .percolation import connectivity
 from .vti import write_vti
 
 log = logging.getLogger(__name__)
@@ -249,13 +249,13 @@ def _generate(args) -> tuple[Cell, str]:
     raise _UsageError(f"unknown command {c}")
 
 
-def _warn_percolation(cell: Cell) -> tuple[bool, bool, bool]:
-    perc = percolates(cell)
+def _warn_percolation(cell: Cell, conn=None) -> tuple[bool, bool, bool]:
+    perc, rank = conn if conn is not None else connectivity(cell)
     missing = [ax for ax, ok in zip("xyz", perc) if not ok]
     if missing:
         print(f"warning: the solid does not connect opposite faces in {', '.join(missing)}: "
               "the stiffness there is that of the soft void material", file=sys.stderr)
-    elif spanning_rank(cell) < 3:
+    elif rank < 3:
         print("warning: no single solid cluster spans three directions (separate rods or plates): "
               "some modes of the stiffness are those of the soft void material", file=sys.stderr)
     return perc
@@ -293,14 +293,13 @@ def _cmd_info(args) -> int:
         kind = "void" if cell.E[p] == 0 else f"E = {cell.E[p]:g}, nu = {cell.nu[p]:g}"
         print(f"    {p:3d}  {kind:32s} {counts[p] / total:8.4%} of voxels")
     print(f"  volume fraction (solid) {cell.volume_fraction:.4f}")
-    perc = percolates(cell)
-    rank = spanning_rank(cell)
+    perc, rank = connectivity(cell)
     print("  percolates " + ", ".join(f"{ax} {'yes' if ok else 'no'}" for ax, ok in zip("xyz", perc))
           + f"; one cluster spans {rank} direction{'s' if rank != 1 else ''}")
     if cell.generator:
         print(f"  generator  {cell.generator} {cell.params_json()}")
     if not all(perc) or rank < 3:
-        _warn_percolation(cell)
+        _warn_percolation(cell, (perc, rank))
     return 0
 
 

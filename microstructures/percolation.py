@@ -26,7 +26,7 @@ def _clusters(cell):
     mask = cell.solid_mask if isinstance(cell, Cell) else np.asarray(cell, dtype=bool)
     if mask.ndim != 3:
         raise ValueError(f"percolates: need a 3-D mask, got shape {mask.shape}")
-    labels, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 1))
+    labels, _ = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 1))
     graph = defaultdict(list)  # label -> [(neighbour label, shift)]
     for axis in range(3):
         hi = np.take(labels, -1, axis=axis).ravel()
@@ -61,17 +61,26 @@ def _clusters(cell):
     return clusters
 
 
+def connectivity(cell) -> tuple[tuple[bool, bool, bool], int]:
+    """(percolates(cell), spanning_rank(cell)) from one labelling of the solid."""
+    clusters = _clusters(cell)
+    wraps = np.zeros(3, dtype=bool)
+    best = 0
+    for windings in clusters.values():
+        if windings:
+            W = np.array(windings, dtype=np.int64)
+            wraps |= (W != 0).any(axis=0)
+            best = max(best, int(np.linalg.matrix_rank(W.astype(np.float64))))
+    return tuple(bool(w) for w in wraps), best
+
+
 def percolates(cell) -> tuple[bool, bool, bool]:
     """(x, y, z): whether a connected solid component wraps around the period in each axis
     (not necessarily the same component for every axis: see ``spanning_rank``).
 
     ``cell``: a Cell (solid = E > 0) or a boolean solid mask (n_x, n_y, n_z).
     """
-    wraps = np.zeros(3, dtype=bool)
-    for windings in _clusters(cell).values():
-        for w in windings:
-            wraps |= w != 0
-    return tuple(bool(w) for w in wraps)
+    return connectivity(cell)[0]
 
 
 def spanning_rank(cell) -> int:
@@ -80,8 +89,4 @@ def spanning_rank(cell) -> int:
     independent directions (a load-bearing 3-D solid); 1 for rods, 2 for plates, and
     also less than 3 for separate rods along x, y and z, which percolate along every
     axis but leave the shear between them to the void."""
-    best = 0
-    for windings in _clusters(cell).values():
-        if windings:
-            best = max(best, int(np.linalg.matrix_rank(np.array(windings, dtype=np.float64))))
-    return best
+    return connectivity(cell)[1]

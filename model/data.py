@@ -196,9 +196,8 @@ def build_cell(p: dict):
 def make_sample(cfg: DataConfig, index: int) -> tuple:
     """(phases uint8 (n, n, n), params dict) of sample ``index``, redrawing
     deterministically on CellError; the params record the rejected draws."""
-    from microstructures import percolates
     from microstructures.cell import CellError
-    from microstructures.percolation import spanning_rank
+    from microstructures.percolation import connectivity
     rejected = []
     for attempt in range(cfg.max_redraws + 1):
         p = draw_params(cfg, index, attempt)
@@ -208,12 +207,11 @@ def make_sample(cfg: DataConfig, index: int) -> tuple:
             rejected.append({"attempt": attempt, "error": " ".join(str(e).split())})
             continue
         if cfg.require_percolation:
-            perc = percolates(cell)
+            perc, rank = connectivity(cell)
             if not all(perc):
                 axes = ", ".join(ax for ax, ok in zip("xyz", perc) if not ok)
                 rejected.append({"attempt": attempt, "error": f"the solid does not percolate along {axes}"})
                 continue
-            rank = spanning_rank(cell)
             if rank < 3:
                 rejected.append({"attempt": attempt, "error": f"no single solid cluster spans three directions "
                                                               f"(at most {rank})"})

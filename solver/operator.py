@@ -134,14 +134,15 @@ class ElasticityOperator:
                                   self.h, self.domain, self.chunk)
 
     # -- the operator ---------------------------------------------------------
-    def _scale_(self, v: torch.Tensor, x0: int = 0, x1: Optional[int] = None) -> torch.Tensor:
+    def _scale_(self, v: torch.Tensor, x0: int = 0, x1: Optional[int] = None, lame=None) -> torch.Tensor:
         """v <- S_e v in place for the voxel slab [x0, x1): lambda on the first
-        n_lam channels, mu on the rest (broadcast, no per-channel copy of S)."""
-        x1 = self.lam.shape[0] if x1 is None else x1
+        n_lam channels, mu on the rest (broadcast, no per-channel copy of S).
+        ``lame``: the (lambda, mu) fields to slice (default: the owned voxels')."""
+        lam, mu = (self.lam, self.mu) if lame is None else lame
         if self.n_lam == 0:
-            return v.mul_(self.mu[x0:x1])
-        v[:, :self.n_lam].mul_(self.lam[x0:x1])
-        v[:, self.n_lam:].mul_(self.mu[x0:x1])
+            return v.mul_(mu[x0:x1])
+        v[:, :self.n_lam].mul_(lam[x0:x1])
+        v[:, self.n_lam:].mul_(mu[x0:x1])
         return v
 
     def _slabs(self, B: int, chunk: Optional[int] = None):
@@ -192,13 +193,13 @@ class ElasticityOperator:
         wt, s_lo = self._node_weight(), self._scale_lo()
         slabs = list(self._slabs(B))
         if len(slabs) == 1:
-            return F.conv3d(self._scale_lo_(F.conv3d(ug, self.weight), s_lo), wt)
+            return F.conv3d(self._scale_(F.conv3d(ug, self.weight), lame=s_lo), wt)
         y = torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=cl)
         for x0, x1 in slabs:
             v = F.conv3d(ug[:, :, x0:x1 + 2], self.weight)
             if not v.is_contiguous(memory_format=cl):     # oneDNN may answer channels-first for B = 1
                 v = v.contiguous(memory_format=cl)
-            y[:, :, x0:x1] = F.conv3d(self._scale_lo_(v, s_lo, x0, x1 + 1), wt)
+            y[:, :, x0:x1] = F.conv3d(self._scale_(v, x0, x1 + 1, lame=s_lo), wt)
         return y
 
     def _apply_scatter(self, u: torch.Tensor) -> torch.Tensor:
@@ -228,16 +229,8 @@ class ElasticityOperator:
         """(lambda, mu) on the voxels -1 .. l-1 of each axis (one low ghost layer)."""
         if getattr(self, "_s_lo", None) is None:
             g = lambda t: self.domain.ghost(t, lo=1, hi=0).contiguous()
-            self._s_lo = (g(self.lam) if self.n_lam else None, g(self.mu))
+            self._s_lo = (g(self.lam) if self.n_lam else None, g(self.mu))   # lambda unused with one nu
         return self._s_lo
-
-    def _scale_lo_(self, v, s_lo, x0: int = 0, x1: Optional[int] = None):
-        lam, mu = s_lo
-        if self.n_lam == 0:
-            return v.mul_(mu[x0:x1])
-        v[:, :self.n_lam].mul_(lam[x0:x1])
-        v[:, self.n_lam:].mul_(mu[x0:x1])
-        return v
 
     def assemble_voxel_vectors(self, ve: torch.Tensor) -> torch.Tensor:
         """Assemble per-voxel element vectors (B, 24, l_x, l_y, l_z) into nodes."""

@@ -212,14 +212,18 @@ def test_report_provenance_and_markdown(first, models):
     md = open(out / "ev.md").read()
     assert md == rep["markdown"] and sha[:12] in md and "| **all** | all | 3 |" in md
     # every cell of a require_percolation data set percolates, and no warning is printed
-    assert all(c["percolates"] == [True, True, True] for c in rep["cells"]) and "Warning" not in md
+    assert all(c["percolates"] == [True, True, True] and c["spanning_rank"] == 3 for c in rep["cells"])
+    assert "Warning" not in md
 
 
 def test_percolation_note():
     cells = [{"id": f"c{i}", "percolates": [True, True, i % 4 != 0]} for i in range(48)]
     note = ev.percolation_note(cells)
     assert note.startswith("**Warning:** 12 of 48 cells") and "`c0`" in note and "and 2 more" in note
-    assert ev.percolation_note([c for c in cells if all(c["percolates"])]) is None
+    good = [c for c in cells if all(c["percolates"])]
+    assert ev.percolation_note(good) is None
+    assert ev.percolation_note(good + [{"id": "rods", "percolates": [True] * 3, "spanning_rank": 1}]).startswith(
+        "**Warning:** 1 of 37 cells")
 
 
 def test_ablation_table(tmp_path, data_dir, models, first):
