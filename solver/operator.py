@@ -192,15 +192,37 @@ class ElasticityOperator:
             ug = ug.contiguous(memory_format=cl)
         wt, s_lo = self._node_weight(), self._scale_lo()
         slabs = list(self._slabs(B))
-        if len(slabs) == 1:
+        halves = B == 1 and self.device.type == "cpu"
+        if len(slabs) == 1 and not halves:
             return F.conv3d(self._scale_(F.conv3d(ug, self.weight), lame=s_lo), wt)
         y = torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=cl)
         for x0, x1 in slabs:
+            if halves and x1 - x0 >= 2:
+                self._slab_in_halves(ug, y, x0, x1, wt, s_lo)
+                continue
             v = F.conv3d(ug[:, :, x0:x1 + 2], self.weight)
             if not v.is_contiguous(memory_format=cl):     # oneDNN may answer channels-first for B = 1
                 v = v.contiguous(memory_format=cl)
             y[:, :, x0:x1] = F.conv3d(self._scale_(v, x0, x1 + 1, lame=s_lo), wt)
         return y
+
+    def _slab_in_halves(self, ug, y, x0: int, x1: int, wt, s_lo) -> None:
+        """y[:, :, x0:x1] for one load case, computed as a batch of two: the slab's two
+        halves (equal length L, overlapping by one plane when x1 - x0 is odd) stacked
+        along the batch axis. With a batch of one, PyTorch's CPU Conv3d takes its slow
+        im2col path (channels-first output, ~2x slower per plane, BENCHMARKS.md);
+        with two it takes oneDNN's."""
+        cl = torch.channels_last_3d
+        L = (x1 - x0 + 1) // 2
+        starts = (x0, x1 - L)
+        inp = torch.cat([ug[:, :, s:s + L + 2] for s in starts]).contiguous(memory_format=cl)
+        v = F.conv3d(inp, self.weight)                                  # (2, rows, L + 1, ...)
+        if not v.is_contiguous(memory_format=cl):
+            v = v.contiguous(memory_format=cl)
+        win = lambda t: None if t is None else torch.stack([t[s:s + L + 1] for s in starts])[:, None]
+        out = F.conv3d(self._scale_(v, lame=(win(s_lo[0]), win(s_lo[1]))), wt)      # (2, 3, L, ...)
+        for k, s in enumerate(starts):
+            y[:, :, s:s + L] = out[k:k + 1]
 
     def _apply_scatter(self, u: torch.Tensor) -> torch.Tensor:
         """y = K u as Conv3d, scaling, ConvTranspose3d on u with one high ghost layer,

@@ -92,6 +92,15 @@ def test_operator_equals_assembled_matrix(shape, chunk, material, rng):
     # apply() takes the scatter form in float64 on CPU, the gather form otherwise: both here
     for y in (op.apply(u), op._apply_gather(u), op._apply_scatter(u)):
         assert np.abs(to_nodes_first(y) - yref).max() <= 1e-12 * np.abs(yref).max()
+    # one load case on CPU: each slab as a batch of its two halves (_slab_in_halves),
+    # odd slabs overlapping by a plane, one-plane slabs the plain way; whole block and
+    # slabs of two planes (the last one shorter)
+    for ch in (chunk, 2 * shape[1] * shape[2]):
+        op.chunk = ch
+        for b in (0, 4):
+            y = op._apply_gather(u[b:b + 1])
+            assert np.abs(to_nodes_first(y)[:, 0] - yref[:, b]).max() <= 1e-12 * np.abs(yref).max()
+    op.chunk = chunk
     assert (len(list(op._slabs(6, op.chunk >> 3))) > 1) == (chunk < 8000)
     f = op.rhs()
     assert np.abs(to_nodes_first(f) - Fm).max() <= 1e-12 * np.abs(Fm).max()
