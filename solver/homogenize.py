@@ -102,7 +102,11 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
     h = tuple(float(s) / n for s, n in zip(cell.size, shape))
     op = ElasticityOperator.from_phases(phases, cell.E, cell.nu, h, soft=soft, domain=domain,
                                         dtype=dtype, device=dev)
-    fscale = op.dot(*(2 * (op.rhs(absolute=True),))).sqrt()
+    size = 6 // groups
+    # |f| is assembled one group at a time: six-case temporaries would set the peak
+    # memory of a grouped solve
+    fscale = torch.cat([op.dot(*(2 * (op.rhs(absolute=True, cases=range(g * size, (g + 1) * size)),)))
+                        for g in range(groups)]).sqrt()
     energy0 = torch.diagonal(op.mean_stiffness()) * op.volume
     M = _default_preconditioner(op, preconditioner)
     if dev.type == "cuda":
@@ -115,30 +119,35 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t_warm = time.perf_counter() - tw
-    size = 6 // groups
-    parts = []
+    chis, infos = [], []
     for g in range(groups):
         idx = slice(g * size, (g + 1) * size)
         f = op.rhs(cases=range(g * size, (g + 1) * size))
         xg = x0[idx] if (x0 is not None and groups > 1) else x0
-        parts.append(pcg(op, f, x0=xg, precond=M, rtol=rtol, ctol=ctol, maxiter=maxiter,
-                         energy0=energy0[idx], callback=callback, fscale=fscale[idx]))
+        xg, ig = pcg(op, f, x0=xg, precond=M, rtol=rtol, ctol=ctol, maxiter=maxiter,
+                     energy0=energy0[idx], callback=callback, fscale=fscale[idx],
+                     overwrite_rhs=True)
         del f
-    if groups == 1:
-        chi, info = parts[0]
-    else:
-        chi = torch.cat([p[0] for p in parts]).contiguous(memory_format=torch.channels_last_3d)
-        infos = [p[1] for p in parts]
-        info = PCGInfo(iterations=sum((i.iterations for i in infos), []),
-                       residuals=sum((i.residuals for i in infos), []),
-                       converged=sum((i.converged for i in infos), []),
-                       energy_error=sum((i.energy_error for i in infos), []),
-                       history=sum((i.history for i in infos), []))
-        del parts
+        chis.append(xg)
+        infos.append(ig)
+        del xg
+    info = infos[0] if groups == 1 else PCGInfo(
+        iterations=sum((i.iterations for i in infos), []),
+        residuals=sum((i.residuals for i in infos), []),
+        converged=sum((i.converged for i in infos), []),
+        energy_error=sum((i.energy_error for i in infos), []),
+        history=sum((i.history for i in infos), []))
+    # the hierarchy (Galerkin levels, smoother state) is not needed for C^H: free it
+    # before chom's float64 temporaries
+    del M
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t_solve = time.perf_counter() - t0 - t_setup - t_warm
-    C = op.chom(chi).cpu().numpy()
+    C = op.chom(chis).cpu().numpy()       # group by group: no six-case copy when grouped
+    chi = None
+    if keep_fields:
+        chi = chis[0] if groups == 1 else torch.cat(chis).contiguous(memory_format=torch.channels_last_3d)
+    del chis
     vol = op.volume
     diag = np.clip(np.diag(C), 1e-300, None)
     err_cases = [float(e / vol / d) if math.isfinite(e) else math.inf
@@ -153,4 +162,4 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         precision=precision, solver="pcg", preconditioner=preconditioner, rtol=rtol, ctol=ctol,
         times={"setup": t_setup, "warm_start": t_warm, "solve": t_solve, "total": t_total}, shape=tuple(shape),
         device=str(dev), domain=domain.describe(), soft=soft,
-        chi=chi if keep_fields else None, extra={"history": info.history, "groups": groups})
+        chi=chi, extra={"history": info.history, "groups": groups})

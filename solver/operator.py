@@ -340,7 +340,8 @@ class ElasticityOperator:
         return x
 
     def chom(self, chi: torch.Tensor) -> torch.Tensor:
-        """Energy-form C^H (6, 6) float64 from the fluctuations chi (6, 3, ...):
+        """Energy-form C^H (6, 6) float64 from the fluctuations chi (6, 3, ...), or a
+        sequence of blocks (b_k, 3, ...) of the load cases in order (a grouped solve):
 
             |Omega| C_ij = sum_e (chi0^i - chi^i)_e^T k_e (chi0^j - chi^j)_e
                          = |Omega| <C>_ij - f^i.chi^j - f^j.chi^i + chi^i.K chi^j
@@ -351,15 +352,18 @@ class ElasticityOperator:
         set the solve's peak memory.
         """
         op = self if self.dtype == torch.float64 else self.to(dtype=torch.float64)
-        B = chi.shape[0]
+        parts = [chi] if torch.is_tensor(chi) else list(chi)
+        cases = [(p, b) for p in parts for b in range(p.shape[0])]
+        case = lambda j: cases[j][0][cases[j][1]:cases[j][1] + 1]      # noqa: E731
+        B = len(cases)
         G = torch.zeros(B, B, dtype=torch.float64, device=self.device)
         Fc = torch.zeros_like(G)
         for j in range(B):
-            xj = chi[j:j + 1].to(torch.float64)
+            xj = case(j).to(torch.float64)
             yj = op.apply(xj)
             fj = op.rhs(cases=[j])
             for i in range(B):
-                xi = xj if i == j else chi[i:i + 1].to(torch.float64)
+                xi = xj if i == j else case(i).to(torch.float64)
                 G[i, j] = op._local_dot(xi, yj)[0]
                 Fc[j, i] = op._local_dot(fj, xi)[0]
             del xj, yj, fj
