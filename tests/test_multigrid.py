@@ -114,6 +114,9 @@ def test_galerkin_coarse_operator_equals_explicit_PtKP(shape, level1, material, 
         uc = rng.standard_normal((Kc.shape[0], 3))
         got = _to_vec(coarse.op.apply(_from_vec(uc, coarse.shape)))
         np.testing.assert_allclose(got, Kc @ uc, rtol=0, atol=1e-11 * abs(Kc).max())
+        # one load case (u_E gathered as a batch of two x-halves on CPU)
+        got1 = _to_vec(coarse.op.apply(_from_vec(uc[:, 1:2], coarse.shape)))
+        np.testing.assert_allclose(got1, Kc @ uc[:, 1:2], rtol=0, atol=1e-11 * abs(Kc).max())
         # and the matrix-free R K P of the level above agrees
         ucf = _from_vec(uc, coarse.shape)
         rkp = restrict(fine.op.apply(prolong(ucf, coarse.domain, fine.shape, fine.ratios)),
