@@ -137,16 +137,23 @@ def test_element_operator_diagonal_and_symmetry(rng):
 
 
 # -- the preconditioner -------------------------------------------------------------------
+@pytest.mark.parametrize("cycle", ["v", "w"])
 @pytest.mark.parametrize("smoother", ["chebyshev", "jacobi"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_vcycle_is_symmetric_and_positive_on_mean_free(smoother, dtype, rng):
+def test_vcycle_is_symmetric_and_positive_on_mean_free(smoother, dtype, cycle, rng):
     shape = (12, 10, 14)
     E, nu = THREE
     op = _op(rng.integers(0, 3, size=shape), E, nu, dtype=dtype)
-    M = build_multigrid(op, smoother=smoother, max_coarse=30)
+    M = build_multigrid(op, smoother=smoother, max_coarse=30, cycle=cycle)
+    assert len(M.levels) == 4          # level 1 corrects twice in the W-cycle
+    assert [M._corrections(l) for l in range(3)] == ([1, 2, 1] if cycle == "w" else [1, 1, 1])
     a = op.project_mean_free(torch.as_tensor(rng.standard_normal((4, 3) + shape), dtype=dtype))
     b = op.project_mean_free(torch.as_tensor(rng.standard_normal((4, 3) + shape), dtype=dtype))
     Ma, Mb = M(a), M(b)
+    if cycle == "w":                   # a different preconditioner from the V-cycle
+        M.options["cycle"] = "v"
+        assert not torch.allclose(M(a), Ma)
+        M.options["cycle"] = "w"
     ab, ba = op.dot(Ma, b), op.dot(a, Mb)
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     assert torch.allclose(ab, ba, rtol=tol, atol=tol * float(ab.abs().max()))
