@@ -9,7 +9,8 @@
     attrs           convention, solver, preconditioner, precision, rtol, ctol,
                     iterations, residuals (per load case), converged,
                     chom_error_estimate, time_setup/solve/total, ranks, dims,
-                    device, version, input, input_sha256, shape, soft
+                    device, version, input, input_sha256, shape, soft,
+                    multigrid (levels, cycle, smoother; multigrid PCG only)
 """
 from __future__ import annotations
 

@@ -137,6 +137,7 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         converged=sum((i.converged for i in infos), []),
         energy_error=sum((i.energy_error for i in infos), []),
         history=sum((i.history for i in infos), []))
+    mg_summary = M.summary() if hasattr(M, "summary") else None
     # the hierarchy (Galerkin levels, smoother state) is not needed for C^H: free it
     # before chom's float64 temporaries
     del M
@@ -162,4 +163,5 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         precision=precision, solver="pcg", preconditioner=preconditioner, rtol=rtol, ctol=ctol,
         times={"setup": t_setup, "warm_start": t_warm, "solve": t_solve, "total": t_total}, shape=tuple(shape),
         device=str(dev), domain=domain.describe(), soft=soft,
-        chi=chi, extra={"history": info.history, "groups": groups})
+        chi=chi, extra={"history": info.history, "groups": groups,
+                        **({"multigrid": mg_summary} if mg_summary else {})})

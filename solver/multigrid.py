@@ -450,6 +450,15 @@ class MultigridPreconditioner:
         w = self.options.get("cycle", "v") == "w"
         return 2 if (w and 1 <= l and l + 2 < len(self.levels)) else 1
 
+    def summary(self) -> str:
+        """One line for result files: levels, cycle, smoother."""
+        o = self.options
+        sm = o.get("smoother")
+        sm += f" degree {o['degree']}" if "degree" in o else f" {o.get('steps')} steps"
+        cyc = "W-cycle below level 0" if o.get("cycle") == "w" else "V-cycle"
+        grids = " .. ".join("x".join(str(n) for n in lv.shape) for lv in (self.levels[0], self.levels[-1]))
+        return f"{len(self.levels)} levels ({grids}), {cyc}, {sm}, dense coarsest solve"
+
     # PyAMG-style complexities
     def operator_complexity(self) -> float:
         """Stored operator bytes over all levels / bytes of the fine operator."""

@@ -272,6 +272,10 @@ def test_homogenize_with_multigrid(rng):
     r_j = homogenize(cell, preconditioner="jacobi", rtol=1e-9)
     assert r_mg.converged
     np.testing.assert_allclose(r_mg.C, r_j.C, rtol=0, atol=1e-7 * np.abs(r_j.C).max())
+    # the result says how it was made
+    assert r_mg.extra["multigrid"] == ("2 levels (12x12x12 .. 6x6x6), W-cycle below level 0, chebyshev degree 2, "
+                                       "dense coarsest solve")
+    assert "multigrid" not in r_j.extra
 
 
 def test_coarsen_domain():
