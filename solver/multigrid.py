@@ -450,12 +450,16 @@ class MultigridPreconditioner:
         w = self.options.get("cycle", "v") == "w"
         return 2 if (w and 1 <= l and l + 2 < len(self.levels)) else 1
 
+    @property
+    def cycle_name(self) -> str:
+        return "W-cycle below level 0" if self.options.get("cycle") == "w" else "V-cycle"
+
     def summary(self) -> str:
         """One line for result files: levels, cycle, smoother."""
         o = self.options
         sm = o.get("smoother")
         sm += f" degree {o['degree']}" if "degree" in o else f" {o.get('steps')} steps"
-        cyc = "W-cycle below level 0" if o.get("cycle") == "w" else "V-cycle"
+        cyc = self.cycle_name
         grids = " .. ".join("x".join(str(n) for n in lv.shape) for lv in (self.levels[0], self.levels[-1]))
         return f"{len(self.levels)} levels ({grids}), {cyc}, {sm}, dense coarsest solve"
 
@@ -472,8 +476,7 @@ class MultigridPreconditioner:
 
     def __repr__(self):
         op = self.levels[0].op
-        cyc = "W-cycle below level 0" if self.options.get("cycle") == "w" else "V-cycle"
-        lines = [f"MultigridPreconditioner: {len(self.levels)} levels, symmetric {cyc}, "
+        lines = [f"MultigridPreconditioner: {len(self.levels)} levels, symmetric {self.cycle_name}, "
                  f"{op.dtype} on {op.device}, setup {self.setup_time:.3f} s",
                  f"  {'level':>5} {'grid':>16} {'unknowns':>12} {'memory MB':>10}  operator / smoother"]
         for i, lv in enumerate(self.levels):
