@@ -122,12 +122,12 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
     chis, infos = [], []
     for g in range(groups):
         idx = slice(g * size, (g + 1) * size)
-        f = op.rhs(cases=range(g * size, (g + 1) * size))
+        cases = range(g * size, (g + 1) * size)
         xg = x0[idx] if (x0 is not None and groups > 1) else x0
-        xg, ig = pcg(op, f, x0=xg, precond=M, rtol=rtol, ctol=ctol, maxiter=maxiter,
-                     energy0=energy0[idx], callback=callback, fscale=fscale[idx],
-                     overwrite_rhs=True)
-        del f
+        # the right-hand side as a callable: PCG keeps no copy of f while iterating
+        xg, ig = pcg(op, lambda cases=cases: op.rhs(cases=cases), x0=xg, precond=M, rtol=rtol,
+                     ctol=ctol, maxiter=maxiter, energy0=energy0[idx], callback=callback,
+                     fscale=fscale[idx])
         chis.append(xg)
         infos.append(ig)
         del xg

@@ -57,7 +57,7 @@ def _sq_ratio(a, b) -> float:
     return (a / b) ** 2 if b > 0 else math.inf
 
 
-def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
+def pcg(op, f, x0: Optional[torch.Tensor] = None,
         precond: Optional[Callable] = None, rtol: float = 1e-6, ctol: Optional[float] = None,
         maxiter: int = 10000, energy0: Optional[torch.Tensor] = None,
         callback: Optional[Callable] = None, true_residual_every: int = 50,
@@ -72,8 +72,15 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
     current iterate ``x`` (a live tensor: read it, do not keep or modify it).
     ``overwrite_rhs``: project ``f`` to mean-free in place instead of in a copy (one
     field less in memory; the caller's f is changed).
+    ``f`` may also be a callable that returns a new right-hand side each call: then no
+    copy of f is kept while iterating (f becomes the first residual; it is made again
+    for the true residual at the end), one block of fields less in memory.
     Returns (x, PCGInfo).
     """
+    make_f = f if callable(f) else None
+    if make_f is not None:
+        f = make_f()
+        overwrite_rhs = True
     B = f.shape[0]
     dev = f.device
     if precond is None:
@@ -85,12 +92,20 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
     fnorm = torch.where(fnorm > 0, fnorm, torch.ones_like(fnorm))
     if x0 is None:
         x = torch.zeros_like(f)
-        r = f.clone()
+        xf = torch.zeros_like(fnorm)
+        r = f if make_f is not None else f.clone()
     else:
         x = op.project_mean_free(x0.clone().to(f.dtype))
+        xf = op.dot(x, f)
         r = op.project_mean_free(f - op.apply(x))
+    if make_f is not None:
+        f = None                                     # r holds it (or f - K x0)
+
+    def rhs():
+        return f if make_f is None else op.project_mean_free(make_f())
+
     # phi(x0) = -1/2 (x.f + x.r); C_ii(x) |Omega| = energy0 + 2 phi(x)
-    phi = -0.5 * (op.dot(x, f) + op.dot(x, r))
+    phi = -0.5 * (xf + op.dot(x, r))
     z = op.project_mean_free(precond(r))
     p = z.clone()
     rz = op.dot(r, z)
@@ -132,7 +147,7 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
             # the conditioning (above rtol at high contrast), while the recursive one
             # keeps converging and the C^H error (energy form) keeps falling with it.
             r = op.apply(x)
-            r = op.project_mean_free(torch.sub(f, r, out=r))
+            r = op.project_mean_free(torch.sub(rhs(), r, out=r))
         for b in range(B):
             if bool(active[b]):
                 iters[b] = k
@@ -159,7 +174,7 @@ def pcg(op, f: torch.Tensor, x0: Optional[torch.Tensor] = None,
         rz = torch.where(active, rz_new, rz)
     r = z = p = None
     rtrue = op.apply(x)
-    rtrue = op.project_mean_free(torch.sub(f, rtrue, out=rtrue))
+    rtrue = op.project_mean_free(torch.sub(rhs(), rtrue, out=rtrue))
     res = torch.where(zero_rhs, torch.zeros_like(fnorm), op.dot(rtrue, rtrue).sqrt() / fnorm).tolist()
     conv = [not bool(a) for a in active.tolist()]
     energy_err = []

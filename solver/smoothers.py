@@ -115,18 +115,23 @@ class ChebyshevSmoother(Smoother):
         sigma = theta / delta
         rho = 1.0 / sigma
         d = torch.mul(r, self.dinv).mul_(1.0 / theta)
-        if self.degree == 1:
-            return d
-        x = d.clone()
-        for _ in range(self.degree - 1):
+        x = None                                     # the sum of the d's; d itself until a second one
+        for k in range(self.degree - 1):
             q = self.op.apply(d)
             torch.sub(r, q, out=q)                   # the new residual, in K d's storage
             r = q
             rho_new = 1.0 / (2.0 * sigma - rho)
+            if k == self.degree - 2:
+                # last term: the new d in the residual's storage (no longer needed), so
+                # the smoother holds two fields besides its input
+                q.mul_(self.dinv).mul_(2.0 * rho_new / delta).add_(d, alpha=rho_new * rho)
+                return (d if x is None else x).add_(q)
+            if x is None:
+                x = d.clone()
             d.mul_(rho_new * rho).addcmul_(self.dinv, r, value=2.0 * rho_new / delta)
             x.add_(d)
             rho = rho_new
-        return x
+        return d
 
     def __repr__(self):
         return f"chebyshev(degree={self.degree}, [{self.lmin:.3g}, {self.lmax:.3g}])"

@@ -160,6 +160,52 @@ def test_vcycle_is_symmetric_and_positive_on_mean_free(smoother, dtype, cycle, r
     assert bool((op.dot(Ma, a) > 0).all())
 
 
+@pytest.mark.parametrize("degree", [1, 2, 3, 4])
+def test_chebyshev_smoother_is_its_polynomial(degree, rng):
+    """The smoother's correction (which reuses its temporaries) equals the textbook
+    three-term Chebyshev recurrence (Saad, Alg. 12.1) applied with fresh tensors."""
+    from solver.smoothers import setup_chebyshev
+    shape = (6, 5, 7)
+    op = _op(rng.integers(0, 3, size=shape), *THREE)
+    S = setup_chebyshev(op, degree=degree, ratio=10.0)
+    r = op.project_mean_free(torch.as_tensor(rng.standard_normal((2, 3) + shape)))
+    theta, delta = 0.5 * (S.lmax + S.lmin), 0.5 * (S.lmax - S.lmin)
+    sigma = theta / delta
+    rho = 1.0 / sigma
+    d = S.dinv * r / theta
+    x, res = d.clone(), r.clone()
+    for _ in range(degree - 1):
+        res = res - op.apply(d)
+        rho_new = 1.0 / (2.0 * sigma - rho)
+        d = rho_new * rho * d + 2.0 * rho_new / delta * S.dinv * res
+        x = x + d
+        rho = rho_new
+    r_in = r.clone()
+    got = S.correction(r)
+    assert torch.equal(r, r_in)                  # the input is not changed
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-12 * float(x.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pcg_with_rhs_callable_equals_rhs_tensor(dtype, rng):
+    """pcg(op, make_f) keeps no copy of f; it must give what pcg(op, f) gives, also
+    through the float64 true-residual refresh and from a nonzero start."""
+    shape = (8, 6, 7)
+    op = _op(rng.integers(0, 3, size=shape), *THREE, dtype=dtype)
+    M = build_multigrid(op, max_coarse=30)
+    x0 = torch.as_tensor(rng.standard_normal((6, 3) + shape), dtype=dtype)
+    for start in (None, x0):
+        kw = dict(precond=M, rtol=1e-9 if dtype == torch.float64 else 1e-5, true_residual_every=3,
+                  x0=start, energy0=torch.diagonal(op.mean_stiffness()) * op.volume)
+        xa, ia = pcg(op, op.rhs(), **kw)
+        calls = []
+        xb, ib = pcg(op, lambda: calls.append(1) or op.rhs(), **kw)
+        assert len(calls) >= 2                   # made again for the true residual
+        assert ia.iterations == ib.iterations
+        torch.testing.assert_close(xb, xa, rtol=0, atol=0)
+        assert ia.residuals == ib.residuals and ia.energy_error == ib.energy_error
+
+
 def test_coarse_solver_is_pseudo_inverse(rng):
     shape = (4, 3, 5)
     E, nu = THREE
