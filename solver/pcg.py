@@ -61,7 +61,7 @@ def pcg(op, f, x0: Optional[torch.Tensor] = None,
         precond: Optional[Callable] = None, rtol: float = 1e-6, ctol: Optional[float] = None,
         maxiter: int = 10000, energy0: Optional[torch.Tensor] = None,
         callback: Optional[Callable] = None, true_residual_every: int = 50,
-        fscale: Optional[torch.Tensor] = None, overwrite_rhs: bool = False):
+        fscale: Optional[torch.Tensor] = None):
     """Solve op(x) = f for the block f (B, 3, ...) with batched PCG.
 
     Stops each load case when ||r|| <= rtol ||f|| or, if ``ctol`` is given, when the
@@ -70,23 +70,19 @@ def pcg(op, f, x0: Optional[torch.Tensor] = None,
     homogeneous cell) counts as solved by x = 0. ``precond(r) -> z`` (default: Jacobi with op.diagonal()).
     ``callback(k, rel_res (B,), est_err (B,), x)`` is called each iteration with the
     current iterate ``x`` (a live tensor: read it, do not keep or modify it).
-    ``overwrite_rhs``: project ``f`` to mean-free in place instead of in a copy (one
-    field less in memory; the caller's f is changed).
-    ``f`` may also be a callable that returns a new right-hand side each call: then no
-    copy of f is kept while iterating (f becomes the first residual; it is made again
-    for the true residual at the end), one block of fields less in memory.
+    The caller's tensor ``f`` is not changed. ``f`` may also be a callable that returns
+    a new right-hand side each call: then no copy of f is kept while iterating (f
+    becomes the first residual; it is made again for the true residual at the end),
+    one block of fields less in memory.
     Returns (x, PCGInfo).
     """
     make_f = f if callable(f) else None
-    if make_f is not None:
-        f = make_f()
-        overwrite_rhs = True
+    f = op.project_mean_free(make_f() if make_f is not None else f.clone())
     B = f.shape[0]
     dev = f.device
     if precond is None:
         dinv = 1.0 / op.diagonal()
         precond = lambda r: r * dinv  # noqa: E731
-    f = op.project_mean_free(f if overwrite_rhs else f.clone())
     fnorm = op.dot(f, f).sqrt()
     zero_rhs = fnorm <= 1e-13 * fscale.to(fnorm) if fscale is not None else fnorm == 0
     fnorm = torch.where(fnorm > 0, fnorm, torch.ones_like(fnorm))
