@@ -30,7 +30,11 @@ Output directory (``--out``, default: the directory of train.checkpoint):
     <out>/<checkpoint name>.csv     loss log, one row per step (rewritten at each checkpoint)
     <out>/config.yaml               the effective configuration (after the flags)
 
-A run resumes from <out>'s checkpoint unless ``--no-resume``. CPU runs are
+A run resumes from <out>'s checkpoint unless ``--no-resume``. ``--init-from CK`` (or
+train.init_from) starts a fresh run (step 0, a new optimizer and schedule) from the
+weights of checkpoint CK, to fine-tune a trained model (on your own family of cells,
+or with more embedded PCG steps: the model configs may differ only in t and use_pcg);
+the new checkpoint records CK's path, sha256 and step. CPU runs are
 reproducible from ``train.seed`` (same thread count); CUDA runs are not bitwise
 (index_add_ in the sparse convolution's scatter uses atomics on CUDA). With in-memory
 generation every rank draws the same cells from the seed (cheap at small n; use
@@ -74,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: train.device of the config")
     p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
     p.add_argument("--seed", type=int, help="overrides train.seed")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start a fresh run from this checkpoint's weights (fine-tuning; overrides "
+                        "train.init_from); its model config must match up to t and use_pcg")
     p.add_argument("--batch-size", type=int, help="global batch (overrides train.batch_size)")
     p.add_argument("--checkpoint-every", type=int, help="overrides train.checkpoint_every")
     p.add_argument("--data", help="directory or glob of data-set shards (overrides data.train)")
@@ -181,7 +188,8 @@ def configure(args):
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"{args.config}: {e}") from None
     for flag, field in (("steps", "steps"), ("seed", "seed"), ("batch_size", "batch_size"),
-                        ("checkpoint_every", "checkpoint_every"), ("device", "device")):
+                        ("checkpoint_every", "checkpoint_every"), ("device", "device"),
+                        ("init_from", "init_from")):
         v = getattr(args, flag)
         if v is not None:
             setattr(tc, field, v)
@@ -189,6 +197,12 @@ def configure(args):
     stem = os.path.splitext(os.path.basename(tc.checkpoint))[0] or "cgins"
     tc.checkpoint = os.path.join(out, stem + ".pt")
     tc.log_file = os.path.join(out, stem + ".csv")
+    if tc.init_from:
+        from model.train import init_checkpoint
+        try:
+            init_checkpoint(tc.init_from, mc)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if len(lc.level_weights) < mc.levels:
         raise ConfigError(f"loss.level_weights needs {mc.levels} entries, has {list(lc.level_weights)}")
     return mc, lc, tc, rest

@@ -20,6 +20,7 @@ only rank 0 writes checkpoints and the log.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -55,6 +56,7 @@ class TrainConfig:
     solver_dtype: str = "float64"        # operator / PCG / loss storage
     soft: float = 1e-6
     device: str = "cpu"
+    init_from: str = ""                  # start a fresh run from this checkpoint's weights (fine-tuning)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -103,6 +105,45 @@ def save_checkpoint(path: str, state: dict):
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# model-config keys that change no weight: a checkpoint trained with other values of
+# these can initialise a run (fine-tuning with more embedded PCG steps, say)
+WEIGHTLESS_KEYS = ("t", "use_pcg")
+
+
+def init_checkpoint(path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
+    """The checkpoint ``path`` that initialises a fresh run (train.init_from), checked:
+    a CGINS checkpoint whose model config equals ``model_cfg`` up to WEIGHTLESS_KEYS.
+    ValueError with a one-line reason otherwise."""
+    if not os.path.isfile(path):
+        raise ValueError(f"train.init_from {path}: no such checkpoint file")
+    try:
+        ck = load_checkpoint(path, map_location=device)
+        theirs = dict(ck["model_config"])
+        ck["model"]
+    except Exception as exc:  # UnpicklingError, RuntimeError, KeyError, TypeError ...
+        msg = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"train.init_from {path}: not a CGINS checkpoint ({type(exc).__name__}: {msg})") from None
+    ours = model_cfg.to_dict()
+    diff = sorted(k for k in set(theirs) | set(ours)
+                  if k not in WEIGHTLESS_KEYS and theirs.get(k) != ours.get(k))
+    if diff:
+        raise ValueError(f"train.init_from {path}: its model config differs in "
+                         + ", ".join(f"{k} ({theirs.get(k)!r} there, {ours.get(k)!r} here)" for k in diff)
+                         + f"; only {', '.join(WEIGHTLESS_KEYS)} may differ")
+    return ck
+
+
+def init_weights_from(core: CGINS, path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
+    """Load the weights of checkpoint ``path`` into ``core`` (a fresh run that fine-tunes
+    them; see init_checkpoint). Returns what the new checkpoint records of its start:
+    path, sha256 of the file, step."""
+    ck = init_checkpoint(path, model_cfg, device)
+    core.load_state_dict(ck["model"])
+    with open(path, "rb") as fh:
+        sha = hashlib.sha256(fh.read()).hexdigest()
+    return {"path": path, "sha256": sha, "step": int(ck.get("step", 0))}
 
 
 def build_model(model_cfg: CGINSConfig, train_cfg: TrainConfig) -> CGINS:
@@ -175,6 +216,13 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
         opt.load_state_dict(ck["optimizer"])
         step, rows = int(ck["step"]), list(ck["log"])
         log.info("resumed %s at step %d", cfg.checkpoint, step)
+        init = ck.get("init_from")
+    elif cfg.init_from:
+        init = init_weights_from(core, cfg.init_from, model_cfg, cfg.device)
+        log.info("fresh run from the weights of %s (step %d, sha256 %s)", init["path"], init["step"],
+                 init["sha256"][:12])
+    else:
+        init = None
     if world > 1:
         _check_same_step(step, cfg.device)
     sdt = DTYPES[cfg.solver_dtype]
@@ -215,7 +263,7 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
                 "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(cfg),
                 "loss_config": {"level_weights": list(loss_cfg.level_weights),
                                 "mean_penalty": float(loss_cfg.mean_penalty)},
-                "log": rows})
+                "log": rows, **({"init_from": init} if init else {})})
             _write_log(log_file, rows)
     return row
 

@@ -163,3 +163,52 @@ def test_sharded_dataset_trains_like_the_same_cells_in_memory(tmp_path):
     b = load_checkpoint(str(tmp_path / "h5" / "cgins_tiny.pt"))["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_init_from_fine_tunes_a_checkpoint_with_another_t(tmp_path):
+    """--init-from starts a fresh run (step 0, its own optimizer) from another
+    checkpoint's weights; t and use_pcg may differ, any other model key may not; the
+    new checkpoint records where it started; a resumed run keeps resuming itself."""
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=2, checkpoint_every=1)
+    with single_process_env():
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "base")]) == 0
+    base_path = str(tmp_path / "base" / "cgins_tiny.pt")
+    base = load_checkpoint(base_path)
+    d = yaml.safe_load(open(cfg))
+    d["model"]["t"] = int(d["model"]["t"]) + 3
+    cfg_t = tmp_path / "tiny_t.yaml"
+    cfg_t.write_text(yaml.safe_dump(d))
+    with single_process_env():
+        # the weights as loaded, through the library call
+        from model.network import CGINSConfig
+        from model.train import TrainConfig, build_model, init_weights_from
+        mc = CGINSConfig.from_dict(d["model"])
+        net = build_model(mc, TrainConfig(seed=123))
+        info = init_weights_from(net, base_path, mc)
+        assert info["step"] == 2 and len(info["sha256"]) == 64
+        for k, a in base["model"].items():
+            assert torch.equal(a, net.state_dict()[k]), k
+        assert hpc_train.main([str(cfg_t), "--out", str(tmp_path / "ft"), "--init-from", base_path,
+                               "--steps", "1"]) == 0
+        ft = load_checkpoint(str(tmp_path / "ft" / "cgins_tiny.pt"))
+        assert ft["step"] == 1 and ft["model_config"]["t"] == d["model"]["t"]
+        assert ft["init_from"]["path"] == base_path and ft["init_from"]["step"] == 2
+        assert any(not torch.equal(a, ft["model"][k]) for k, a in base["model"].items())
+        # resuming the fine-tune continues it (not a second fresh start from base)
+        assert hpc_train.main([str(cfg_t), "--out", str(tmp_path / "ft"), "--init-from", base_path,
+                               "--steps", "2"]) == 0
+        ft2 = load_checkpoint(str(tmp_path / "ft" / "cgins_tiny.pt"))
+        assert ft2["step"] == 2 and ft2["init_from"] == ft["init_from"]
+        # another architecture, a missing file, a non-checkpoint: one-line config errors
+        d2 = dict(d, model=dict(d["model"], channels=[6, 8]))
+        cfg_c = tmp_path / "tiny_c.yaml"
+        cfg_c.write_text(yaml.safe_dump(d2))
+        junk = tmp_path / "junk.pt"
+        junk.write_bytes(b"not a checkpoint")
+        for c, src in ((cfg_c, base_path), (cfg_t, str(tmp_path / "none.pt")), (cfg_t, str(junk))):
+            assert hpc_train.main([str(c), "--out", str(tmp_path / "bad"), "--init-from", src]) == \
+                hpc_train.EXIT_CONFIG
+    r = cli(str(cfg_c), "--out", str(tmp_path / "bad2"), "--init-from", base_path)
+    assert r.returncode == hpc_train.EXIT_CONFIG
+    assert "differs in channels" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "bad2" / "cgins_tiny.pt")
