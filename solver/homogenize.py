@@ -17,7 +17,7 @@ import torch
 
 from .domain import SerialDomain
 from .materials import engineering_constants
-from .operator import ElasticityOperator
+from .operator import ElasticityOperator, EnergyCH
 from .pcg import PCGInfo, pcg
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,11 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
             torch.cuda.synchronize(dev)
         t_warm = time.perf_counter() - tw
     chis, infos = [], []
+    # a grouped solve that does not return its fields adds each group to C^H as soon as
+    # it is solved and keeps it only as a half-size copy (EnergyCH): the last group's
+    # fields are the only full-size ones left at the end
+    stream = groups > 1 and not keep_fields
+    acc = EnergyCH(op) if stream else None
     for g in range(groups):
         idx = slice(g * size, (g + 1) * size)
         cases = range(g * size, (g + 1) * size)
@@ -128,7 +133,10 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         xg, ig = pcg(op, lambda cases=cases: op.rhs(cases=cases), x0=xg, precond=M, rtol=rtol,
                      ctol=ctol, maxiter=maxiter, energy0=energy0[idx], callback=callback,
                      fscale=fscale[idx])
-        chis.append(xg)
+        if stream and g < groups - 1:
+            acc.add(xg, cases, keep="copy")
+        else:
+            chis.append(xg)
         infos.append(ig)
         del xg
     info = infos[0] if groups == 1 else PCGInfo(
@@ -144,7 +152,11 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t_solve = time.perf_counter() - t0 - t_setup - t_warm
-    C = op.chom(chis).cpu().numpy()       # group by group: no six-case copy when grouped
+    if stream:                            # the last group, after the hierarchy is freed
+        acc.add(chis.pop(), range((groups - 1) * size, 6), keep=None)
+        C = acc.result().cpu().numpy()
+    else:
+        C = op.chom(chis).cpu().numpy()   # group by group: no six-case copy when grouped
     chi = None
     if keep_fields:
         chi = chis[0] if groups == 1 else torch.cat(chis).contiguous(memory_format=torch.channels_last_3d)
