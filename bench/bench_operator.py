@@ -2,6 +2,12 @@
 measured matrix-multiply rate, and the per-rank numbers the scaling model uses.
 
     python bench/bench_operator.py --n 32 64 128 [--threads 1 2] [--write]
+    python bench/bench_operator.py --chunk-sweep --n 64 128 [--threads 1 2]
+
+``--chunk-sweep`` times the apply of the fine operator and of the first coarse level
+(the multigrid's GalerkinCoefficientOperator) for slab sizes 2^15 .. 2^20 voxel-cases,
+six load cases and one, the sizes interleaved over three rounds (median of the
+rounds, two applies each): how solver.operator.default_chunk was chosen.
 
 FLOPs are counted for the factored element form k_e = G^T S_e G used by the apply,
 2 * (rows * 24 * 2) per voxel and load case, six cases at once: G has 25 rows when
@@ -45,6 +51,46 @@ def matmul_rate(dtype=torch.float32, n=2048):
     return 2 * n ** 3 / timeit(lambda: a @ b, 5) / 1e9
 
 
+CHUNKS = [1 << k for k in range(20, 14, -1)]
+
+
+def chunk_sweep(a):
+    from microstructures.generators import tpms
+    from solver.multigrid import build_multigrid
+    from solver.operator import ElasticityOperator, default_chunk
+    torch.set_flush_denormal(True)
+    cl = torch.channels_last_3d
+    rows = []
+    for th in a.threads:
+        torch.set_num_threads(th)
+        for n in a.n:
+            cell = tpms("G", "sheet", vf=0.25, n=n)
+            op = ElasticityOperator.from_phases(cell.phases, cell.E, cell.nu, (1.0 / n,) * 3, dtype=torch.float32)
+            lev1 = build_multigrid(op).levels[1].op
+            for name, o, dflt in (("fine", op, default_chunk("cpu")), ("level 1", lev1, default_chunk("cpu", True))):
+                for B in (6, 1):
+                    u = torch.randn(B, 3, *o.domain.local_shape, generator=torch.Generator().manual_seed(0))
+                    u = u.contiguous(memory_format=cl)
+                    ms = {c: [] for c in CHUNKS}
+                    for c in CHUNKS:
+                        o.chunk = c
+                        o.apply(u)
+                    for _ in range(3):
+                        for c in CHUNKS:
+                            o.chunk = c
+                            ms[c].append(timeit(lambda: o.apply(u), 2) * 1e3)
+                    med = {c: sorted(v)[1] for c, v in ms.items()}
+                    best = min(med, key=med.get)
+                    rows.append([th, n, name, B] + [f"**{med[c]:.0f}**" if c == best else f"{med[c]:.0f}" for c in CHUNKS]
+                                + [f"{med[CHUNKS[0]] / med[dflt]:.2f}x"])
+                    print(rows[-1], flush=True)
+                o.chunk = dflt
+    m = machine()
+    print(f"Machine: {machine_line(m)}.\n")
+    print(markdown_table(["threads", "n", "operator", "cases"] + [f"2^{c.bit_length() - 1}" for c in CHUNKS]
+                         + ["2^20 / default"], rows))
+
+
 def main():
     from microstructures.generators import tpms
     from solver.operator import ElasticityOperator
@@ -52,7 +98,10 @@ def main():
     ap.add_argument("--n", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--chunk-sweep", action="store_true", help="apply ms against the slab size (see above)")
     a = ap.parse_args()
+    if a.chunk_sweep:
+        return chunk_sweep(a)
     # as solver.homogenize does (flush_denormal=True): soft-void products underflow
     # into denormal floats, which the CPU handles ~3x slower
     torch.set_flush_denormal(True)

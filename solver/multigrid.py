@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from .domain import SerialDomain
 from .element import CORNERS
-from .operator import ElasticityOperator
+from .operator import ElasticityOperator, default_chunk
 from .smoothers import SMOOTHERS
 from .transfer import coarse_shape, galerkin_blocks, prolong, restrict
 
@@ -63,27 +63,44 @@ def coarsen_domain(domain, shape):
 
 
 # -- coarse-level operators ----------------------------------------------------------
+def _packing():
+    """(iu (2, 300), unpack (576,), diag (24,)): the upper triangle of a 24 x 24
+    matrix in row order, the packed position of every (a, b) entry (the (min, max)
+    one), and the positions of the diagonal."""
+    iu = torch.triu_indices(24, 24)
+    pos = torch.empty(24, 24, dtype=torch.long)
+    pos[iu[0], iu[1]] = torch.arange(iu.shape[1])
+    pos[iu[1], iu[0]] = torch.arange(iu.shape[1])
+    return iu, pos.reshape(-1), pos.diagonal().clone()
+
+
 class ElementMatrixOperator:
-    """K u = sum_E scatter(K_E u_E) with a full 24 x 24 matrix K_E per voxel.
+    """K u = sum_E scatter(K_E u_E) with a 24 x 24 matrix K_E per voxel, stored packed
+    (its upper triangle, 300 numbers instead of 576: K_E is symmetric).
 
     ``ke`` has shape (l_x, l_y, l_z, 24, 24) on the owned voxels of ``domain``, element
-    dof 3 a + c with a in solver.element.CORNERS order (the fine operator's layout).
+    dof 3 a + c with a in solver.element.CORNERS order (the fine operator's layout);
+    its upper triangle is kept (the matrix used is exactly symmetric).
     Same interface as ElasticityOperator for what multigrid and PCG use: apply,
     diagonal, dot, gram, project_mean_free, domain, dtype, device.
 
     Subclasses that make K_E on the fly override ``_boxes``, ``_element_apply``,
     ``_element_diagonal`` and ``element_matrices_box``."""
 
-    def __init__(self, ke: torch.Tensor, domain, chunk: int = 1 << 20):
-        self.ke = ke
+    def __init__(self, ke: torch.Tensor, domain, chunk: Optional[int] = None, sub: int = 512):
+        iu, unpack, diag = _packing()
+        dev = ke.device
+        self.kp = ke[..., iu[0].to(dev), iu[1].to(dev)].contiguous()      # (l_x, l_y, l_z, 300)
+        self._unpack, self._diag_pos = unpack.to(dev), diag.to(dev)
         self.domain = domain
-        self.dtype, self.device = ke.dtype, ke.device
-        self.chunk = int(chunk)
+        self.dtype, self.device = ke.dtype, dev
+        self.chunk = int(chunk) if chunk is not None else default_chunk(self.device, coarse=True)
+        self.sub = int(sub)
         self._diag = None
 
     @property
     def nbytes(self) -> int:
-        return self.ke.numel() * self.ke.element_size()
+        return self.kp.numel() * self.kp.element_size()
 
     def _boxes(self):
         """Boxes of owned voxels (slice triples) and a tag for ``_element_apply``."""
@@ -92,17 +109,25 @@ class ElementMatrixOperator:
     def _element_apply(self, box, tag, ue: torch.Tensor) -> torch.Tensor:
         """(K_E u_E)^T for the voxels of ``box`` (flattened x-major): ue (B, V, 24) -> (V, B, 24).
 
-        Row-vector form u^T K^T: each small GEMM is (B x 24) (24 x 24) with the long
-        dimension contiguous, ~3x faster on CPU than K_E (24 x B)."""
-        return torch.bmm(ue.transpose(0, 1), self.ke[box].reshape(-1, 24, 24).transpose(1, 2))
+        Row-vector form u^T K (K_E symmetric): each small GEMM is (B x 24) (24 x 24) with
+        the long dimension contiguous, ~3x faster on CPU than K_E (24 x B). K_E is
+        unpacked ``sub`` voxels at a time, into a block that stays in cache."""
+        kp = self.kp[box].reshape(-1, self.kp.shape[-1])
+        B, V = ue.shape[:2]
+        out = torch.empty(V, B, 24, dtype=ue.dtype, device=ue.device)
+        for s in range(0, V, self.sub):
+            ke = kp[s:s + self.sub].index_select(1, self._unpack).view(-1, 24, 24)
+            torch.bmm(ue[:, s:s + self.sub].transpose(0, 1), ke, out=out[s:s + self.sub])
+        return out
 
     def _element_diagonal(self, box, tag) -> torch.Tensor:
         """diag(K_E) on ``box``: (n_x, n_y, n_z, 24)."""
-        return torch.diagonal(self.ke[box], dim1=-2, dim2=-1)
+        return self.kp[box].index_select(-1, self._diag_pos)
 
     def element_matrices_box(self, box) -> torch.Tensor:
         """K_E on a box of owned voxels (slices, steps allowed): (..., 24, 24)."""
-        return self.ke[box]
+        kp = self.kp[box]
+        return kp.index_select(-1, self._unpack).view(*kp.shape[:-1], 24, 24)
 
     def _gather_weight(self) -> torch.Tensor:
         """One-hot Conv3d weight (24, 3, 2, 2, 2): output channel 3 a + c is component
@@ -196,14 +221,15 @@ class GalerkinCoefficientOperator(ElementMatrixOperator):
     on CPU costs about the same as streaming stored matrices (BENCHMARKS.md)."""
 
     def __init__(self, coef: torch.Tensor, boxes, bases: torch.Tensor, domain,
-                 chunk: int = 1 << 20, sub: int = 512):
+                 chunk: Optional[int] = None, sub: int = 512):
         self.coef = coef                  # (l_x, l_y, l_z, nw), nw = 16 or 8
         self.boxes = list(boxes)          # [(box slices, kind index)]
         self.bases = bases                # (kinds, nw, 576)
         self.nw = int(coef.shape[-1])
         self.domain = domain
         self.dtype, self.device = coef.dtype, coef.device
-        self.chunk, self.sub = int(chunk), int(sub)
+        self.chunk = int(chunk) if chunk is not None else default_chunk(self.device, coarse=True)
+        self.sub = int(sub)
         self._diag = None
         self._diag_bases = torch.diagonal(bases.reshape(-1, self.nw, 24, 24), dim1=-2, dim2=-1)  # (kinds, nw, 24)
         kind = torch.zeros(tuple(domain.local_shape), dtype=torch.uint8, device=coef.device)
@@ -267,7 +293,7 @@ def galerkin_element_matrices(op, ratios, cshape) -> torch.Tensor:
     return ke
 
 
-def galerkin_coefficient_operator(op, ratios, cdom, chunk: int = 1 << 20) -> GalerkinCoefficientOperator:
+def galerkin_coefficient_operator(op, ratios, cdom, chunk: Optional[int] = None) -> GalerkinCoefficientOperator:
     """R K P of the matrix-free fine operator in coefficient form (w, B_k per kind)."""
     K_lam = torch.as_tensor(op._K_lam_np, dtype=torch.float64, device=op.device)
     K_mu = torch.as_tensor(op._K_mu_np, dtype=torch.float64, device=op.device)
@@ -500,7 +526,7 @@ def _ratios(shape, min_axis: int):
 def build_multigrid(op, smoother: str = "chebyshev", degree: int = 2, ratio: float = 10.0,
                     steps: int = 2, max_coarse: int = 512, max_levels: int = 12,
                     min_axis: int = 4, lanczos_steps: int = 12, safety: float = 1.1,
-                    chunk: int = 1 << 20, level1: str = "coefficients",
+                    chunk: Optional[int] = None, level1: str = "coefficients",
                     cycle: str = "w") -> MultigridPreconditioner:
     """Set up the multigrid hierarchy for ``op`` (an ElasticityOperator).
 

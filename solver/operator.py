@@ -45,6 +45,18 @@ def _psd_factor(K: np.ndarray) -> np.ndarray:
     return np.sqrt(s[keep])[:, None] * V[:, keep].T
 
 
+def default_chunk(device, coarse: bool = False) -> int:
+    """Voxel x load cases per apply slab: 2^20, and 2^17 on CPU for the first coarse
+    level (GalerkinCoefficientOperator: its batched products then read the gathered
+    u_E from cache; 15% faster at 128^3 with six cases, no change with one). On CPU
+    the fine operator was fastest with the largest slabs under tcmalloc (the
+    allocator the command-line tools run on): 2^20 against 2^18, 0.87 against 1.04 s
+    per six-case apply at 128^3 (BENCHMARKS.md, "Operator apply"). Not measured on GPUs."""
+    if coarse and torch.device(device).type == "cpu":
+        return 1 << 17
+    return 1 << 20
+
+
 class ElasticityOperator:
     """K for a voxel grid with per-voxel Lame parameters on a Domain.
 
@@ -54,12 +66,11 @@ class ElasticityOperator:
         from them).
     h : voxel size (h_x, h_y, h_z).
     domain : SerialDomain or an MPI domain with the same interface.
-    chunk : voxels x load cases per apply slab (bounds the (B, 25, slab) temporary
-        to ~100 MB float32; 2^20 measured as fast as whole blocks at 128^3 on CPU,
-        2^17 was 1.5x slower with the gather form, BENCHMARKS.md).
+    chunk : voxels x load cases per apply slab (bounds the (B, rows, slab)
+        temporary); default ``default_chunk(device)``.
     """
 
-    def __init__(self, lam: torch.Tensor, mu: torch.Tensor, h, domain=None, chunk: int = 1 << 20):
+    def __init__(self, lam: torch.Tensor, mu: torch.Tensor, h, domain=None, chunk: Optional[int] = None):
         self.domain = domain if domain is not None else SerialDomain(lam.shape)
         if tuple(lam.shape) != tuple(self.domain.local_shape):
             raise ValueError(f"material shape {tuple(lam.shape)} != local block {self.domain.local_shape}")
@@ -80,7 +91,7 @@ class ElasticityOperator:
             # k_e = mu_e (K_mu + r K_lambda), whose factor has 18 rows, not 25
             self.n_lam = 0
             self.weight = self._conv_weight(_psd_factor(K_mu + self.lame_ratio * K_lam))
-        self.chunk = int(chunk)
+        self.chunk = int(chunk) if chunk is not None else default_chunk(self.device)
         self._diag = None
 
     # -- construction helpers -------------------------------------------------
@@ -151,7 +162,10 @@ class ElasticityOperator:
         # least four, so the temporaries shrink with the block when it is decomposed
         per_x = max(1, (chunk or self.chunk) // max(1, ly * lz * B))
         if per_x < lx:
-            per_x = min(per_x, -(-lx // 4))
+            # one load case (a grouped solve, run to save memory): at least eight
+            # slabs, so the (rows, slab) temporary stays below one field (18 or 25
+            # channels against 3); no slower per apply
+            per_x = min(per_x, -(-lx // (8 if B == 1 else 4)))
         for x0 in range(0, lx, per_x):
             yield x0, min(lx, x0 + per_x)
 

@@ -134,6 +134,10 @@ def test_element_operator_diagonal_and_symmetry(rng):
     A = _to_vec(op.apply(_from_vec(I.numpy(), (3, 4, 5))))
     np.testing.assert_allclose(A, A.T, atol=1e-12)
     np.testing.assert_allclose(_to_vec(op.diagonal())[:, 0], np.diag(A), atol=1e-12)
+    # stored packed (upper triangle), handed out whole
+    assert op.nbytes == 60 * 300 * 8
+    box = (slice(1, 3), slice(0, 4, 2), slice(2, 5))
+    assert torch.equal(op.element_matrices_box(box), ke[box])
 
 
 # -- the preconditioner -------------------------------------------------------------------
