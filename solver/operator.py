@@ -164,7 +164,7 @@ class ElasticityOperator:
         if per_x < lx:
             # one load case (a grouped solve, run to save memory): at least eight
             # slabs, so the (rows, slab) temporary stays below one field (18 or 25
-            # channels against 3); no slower per apply
+            # channels against 3): ~20 MB less at 128^3 for ~5% more per apply
             per_x = min(per_x, -(-lx // (8 if B == 1 else 4)))
         for x0 in range(0, lx, per_x):
             yield x0, min(lx, x0 + per_x)
