@@ -46,12 +46,14 @@ def _psd_factor(K: np.ndarray) -> np.ndarray:
 
 
 def default_chunk(device, coarse: bool = False) -> int:
-    """Voxel x load cases per apply slab: 2^20, and 2^17 on CPU for the first coarse
-    level (GalerkinCoefficientOperator: its batched products then read the gathered
-    u_E from cache; 15% faster at 128^3 with six cases, no change with one). On CPU
-    the fine operator was fastest with the largest slabs under tcmalloc (the
-    allocator the command-line tools run on): 2^20 against 2^18, 0.87 against 1.04 s
-    per six-case apply at 128^3 (BENCHMARKS.md, "Operator apply"). Not measured on GPUs."""
+    """Voxel x load cases per apply slab: 2^20, and 2^17 on CPU for the coarse element
+    operators, whose per-slab temporaries (the gathered u_E and the element vectors,
+    24 values per voxel and case) are then ~12 MB instead of ~100 MB with six cases
+    at 64^3: the six-case peak at 128^3 fell from 2173 to 2024 MB; their time moved
+    within this VM's noise (-15% and +18% in two windows). On CPU the fine operator was
+    fastest with the largest slabs under tcmalloc (the allocator the command-line
+    tools run on): 2^20 against 2^18, 0.87 against 1.04 s and 1.11 against 1.23 s per
+    six-case apply at 128^3 (BENCHMARKS.md, "Operator apply"). Not measured on GPUs."""
     if coarse and torch.device(device).type == "cpu":
         return 1 << 17
     return 1 << 20
