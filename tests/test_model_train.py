@@ -88,3 +88,22 @@ def test_load_model_and_warm_start_keep_the_solver_answer(tmp_path):
     assert info_ws.all_converged and info_0.all_converged
     C_ws, C_0 = op.chom(x_ws), op.chom(x_0)
     assert float((C_ws - C_0).norm() / C_0.norm()) < 1e-9
+
+
+def test_shipped_fine_tuned_model_records_the_shipped_default():
+    """models/cgins_t10 was fine-tuned from models/cgins_default.pt (train.init_from):
+    its checkpoint names that file with its sha256, and the two model configs differ
+    only in the embedded PCG steps. Fails when one of them is replaced without the
+    other (then re-run configs/cgins_finetune_t10.yaml)."""
+    import hashlib
+
+    from model.train import WEIGHTLESS_KEYS, load_model
+    root = os.path.join(os.path.dirname(__file__), "..")
+    base, ft = os.path.join(root, "models", "cgins_default.pt"), os.path.join(root, "models", "cgins_t10", "cgins_t10.pt")
+    ck_b, ck_f = load_checkpoint(base), load_checkpoint(ft)
+    with open(base, "rb") as fh:
+        assert ck_f["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    assert ck_f["init_from"]["step"] == ck_b["step"]
+    diff = {k for k in ck_b["model_config"] if ck_b["model_config"][k] != ck_f["model_config"][k]}
+    assert diff <= set(WEIGHTLESS_KEYS) and ck_f["model_config"]["t"] == 10
+    assert load_model(ft).cfg.t == 10
