@@ -236,22 +236,60 @@ class GalerkinCoefficientOperator(ElementMatrixOperator):
         for box, k in self.boxes:
             kind[box] = k
         self.kind = kind
+        # coarse voxels whose children all have the same (lambda, mu) -- all solid or
+        # all void, most of a porous cell -- have K_E = mu (sum_j B_j) (one Poisson
+        # ratio) or lambda A + mu M: their product needs no rebuilt matrix
+        per = 2 if self.nw == 16 else 1
+        wv = coef.reshape(*coef.shape[:-1], 8, per)
+        self.uniform = (wv == wv[..., :1, :]).all(dim=-1).all(dim=-1)
+        self._sums = bases.reshape(bases.shape[0], 8, per, 24, 24).sum(dim=1)        # (kinds, per, 24, 24)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.coef, self.bases, self.kind))
+        return sum(t.numel() * t.element_size() for t in (self.coef, self.bases, self.kind, self.uniform))
 
     def _boxes(self):
         return self.boxes
 
     def _element_apply(self, box, k, ue):
         w = self.coef[box].reshape(-1, self.nw)
-        basis = self.bases[k]
+        uni = self.uniform[box].reshape(-1)
         B, V = ue.shape[:2]
         out = torch.empty(V, B, 24, dtype=ue.dtype, device=ue.device)
+        n_uni = int(uni.sum())
+        if n_uni == 0:
+            return self._rebuilt_apply(w, k, ue, out)
+        # the cheap product everywhere, then the mixed voxels redone
+        self._uniform_apply(w, k, ue, out)
+        if n_uni < V:
+            im = (~uni).nonzero().squeeze(1)
+            out.index_copy_(0, im, self._rebuilt_apply(w.index_select(0, im), k, ue.index_select(1, im)))
+        return out
+
+    def _rebuilt_apply(self, w, k, ue, out=None):
+        """K_E rebuilt from the weights, ``sub`` voxels at a time (in cache), then the
+        batched product."""
+        basis = self.bases[k]
+        B, V = ue.shape[:2]
+        out = torch.empty(V, B, 24, dtype=ue.dtype, device=ue.device) if out is None else out
         for s in range(0, V, self.sub):
             ke = (w[s:s + self.sub] @ basis).view(-1, 24, 24)
             torch.bmm(ue[:, s:s + self.sub].transpose(0, 1), ke.transpose(1, 2), out=out[s:s + self.sub])
+        return out
+
+    def _uniform_apply(self, w, k, ue, out=None):
+        """Voxels with uniform children: (u^T M) mu (+ (u^T A) lambda), one GEMM each
+        (the summed bases are symmetric)."""
+        sums = self._sums[k]
+        per = sums.shape[0]
+        y = None
+        for q in range(per):                                  # q = per - 1: mu
+            t = torch.matmul(ue, sums[q]).mul_(w[:, q].reshape(1, -1, 1))
+            y = t if y is None else y.add_(t)
+        y = y.transpose(0, 1)
+        if out is None:
+            return y
+        out.copy_(y)
         return out
 
     def _element_diagonal(self, box, k):

@@ -93,10 +93,17 @@ def test_prolongation_matches_rule_and_restriction_is_its_transpose(shape, rng):
 @pytest.mark.parametrize("shape", [(8, 8, 8), (12, 10, 14), (9, 7, 6)])
 def test_galerkin_coarse_operator_equals_explicit_PtKP(shape, level1, material, rng):
     E, nu = THREE if material == "three-phase" else ([1e-6, 1.0, 4.0], [0.3, 0.3, 0.3])
-    ph = rng.integers(0, 3, size=shape)
+    # phases constant on 2x2x2 blocks, a fifth of the voxels redrawn: coarse voxels
+    # with uniform children (their own product) and mixed ones
+    blocks = rng.integers(0, 3, size=tuple((n + 1) // 2 for n in shape))
+    ph = blocks.repeat(2, 0).repeat(2, 1).repeat(2, 2)[:shape[0], :shape[1], :shape[2]]
+    ph = np.where(rng.random(shape) < 0.2, rng.integers(0, 3, size=shape), ph)
     op = _op(ph, E, nu)
     assert (op.lame_ratio is None) == (material == "three-phase")
     M = build_multigrid(op, max_coarse=8, level1=level1)
+    if level1 == "coefficients":
+        uni = M.levels[1].op.uniform
+        assert bool(uni.any()) and not bool(uni.all())
     assert len(M.levels) >= 3
     l1 = M.levels[1].op
     assert isinstance(l1, GalerkinCoefficientOperator) == (level1 == "coefficients")
