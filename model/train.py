@@ -121,7 +121,8 @@ def init_checkpoint(path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
     try:
         ck = load_checkpoint(path, map_location=device)
         theirs = dict(ck["model_config"])
-        ck["model"]
+        if "model" not in ck:
+            raise KeyError("model")
     except Exception as exc:  # UnpicklingError, RuntimeError, KeyError, TypeError ...
         msg = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ValueError(f"train.init_from {path}: not a CGINS checkpoint ({type(exc).__name__}: {msg})") from None

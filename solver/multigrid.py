@@ -280,20 +280,15 @@ class GalerkinCoefficientOperator(ElementMatrixOperator):
             torch.bmm(ue[:, s:s + self.sub].transpose(0, 1), ke.transpose(1, 2), out=out[s:s + self.sub])
         return out
 
-    def _uniform_apply(self, w, k, ue, out=None):
-        """Voxels with uniform children: (u^T M) mu (+ (u^T A) lambda), one GEMM each
-        (the summed bases are symmetric)."""
+    def _uniform_apply(self, w, k, ue, out):
+        """Into ``out``, as if every voxel had uniform children: (u^T M) mu (+ (u^T A)
+        lambda), one GEMM each (the summed bases are symmetric)."""
         sums = self._sums[k]
-        per = sums.shape[0]
         y = None
-        for q in range(per):                                  # q = per - 1: mu
+        for q in range(sums.shape[0]):                        # q = last: mu
             t = torch.matmul(ue, sums[q]).mul_(w[:, q].reshape(1, -1, 1))
             y = t if y is None else y.add_(t)
-        y = y.transpose(0, 1)
-        if out is None:
-            return y
-        out.copy_(y)
-        return out
+        return out.copy_(y.transpose(0, 1))
 
     def _element_diagonal(self, box, k):
         return self.coef[box] @ self._diag_bases[k]
