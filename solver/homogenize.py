@@ -25,6 +25,32 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
 
+def release_free_memory() -> str:
+    """Hand the allocator's free pages back to the operating system, between phases
+    of a solve: tcmalloc (the command-line tools run on it, hpc.allocator) keeps the
+    spans of freed fields, and a later phase whose temporaries have other sizes (the
+    setup's, the float64 C^H pass's) maps new pages next to them, which raises the
+    peak resident set. Once per phase it costs a few ms (the pages are touched again
+    when reused); on every free it would cost the solve twice over (BENCHMARKS.md,
+    TCMALLOC_AGGRESSIVE_DECOMMIT). Returns what was called: 'tcmalloc', 'glibc' or ''."""
+    import ctypes
+    try:
+        lib = ctypes.CDLL(None)
+    except OSError:                                  # pragma: no cover - not on Linux
+        return ""
+    for name, tag in (("MallocExtension_ReleaseFreeMemory", "tcmalloc"), ("malloc_trim", "glibc")):
+        fn = getattr(lib, name, None)
+        if fn is None:
+            continue
+        if tag == "glibc":
+            fn.argtypes = [ctypes.c_size_t]
+            fn(0)
+        else:
+            fn()
+        return tag
+    return ""
+
+
 @dataclasses.dataclass
 class HomogenizationResult:
     C: np.ndarray                       # (6, 6) Voigt, engineering shear
@@ -53,7 +79,7 @@ class HomogenizationResult:
 
 def _default_preconditioner(op, name: str):
     if name == "jacobi":
-        dinv = 1.0 / op.diagonal()
+        dinv = 1.0 / op.diagonal(cache=False)
         return lambda r: r * dinv
     if name in ("multigrid", "mg"):
         try:
@@ -111,6 +137,8 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
     M = _default_preconditioner(op, preconditioner)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    elif dev.type == "cpu":
+        release_free_memory()         # the setup's temporaries (peak RSS: see the function)
     t_setup = time.perf_counter() - t0
     t_warm = 0.0
     if callable(x0):
@@ -124,7 +152,9 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
     # it is solved and keeps it only as a half-size copy (EnergyCH): the last group's
     # fields are the only full-size ones left at the end
     stream = groups > 1 and not keep_fields
-    acc = EnergyCH(op) if stream else None
+    # (finished cases kept as float8 where their term is far below the tolerance: EnergyCH)
+    fp8 = dtype == torch.float32 and rtol <= 1e-5 and ctol is None
+    acc = EnergyCH(op, store_dtype=torch.float8_e4m3fn if fp8 else None) if stream else None
     for g in range(groups):
         idx = slice(g * size, (g + 1) * size)
         cases = range(g * size, (g + 1) * size)
@@ -134,6 +164,8 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
                      ctol=ctol, maxiter=maxiter, energy0=energy0[idx], callback=callback,
                      fscale=fscale[idx])
         if stream and g < groups - 1:
+            if dev.type == "cpu":
+                release_free_memory()     # the PCG's vectors, before the float64 C^H pass
             acc.add(xg, cases, keep="copy")
         else:
             chis.append(xg)
@@ -153,6 +185,8 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         torch.cuda.synchronize(dev)
     t_solve = time.perf_counter() - t0 - t_setup - t_warm      # (streamed: with C^H of all but the last group)
     if stream:                            # the last group, after the hierarchy is freed
+        if dev.type == "cpu":
+            release_free_memory()
         acc.add(chis.pop(), range((groups - 1) * size, 6), keep=None)
         C = acc.result().cpu().numpy()
     else:

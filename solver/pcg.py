@@ -169,8 +169,12 @@ def pcg(op, f, x0: Optional[torch.Tensor] = None,
         z = None
         rz = torch.where(active, rz_new, rz)
     r = z = p = None
-    rtrue = op.apply(x)
-    rtrue = op.project_mean_free(torch.sub(rhs(), rtrue, out=rtrue))
+    rtrue = rhs()                                    # PCG's own copy of f, or a new one
+    if hasattr(op, "residual_"):
+        op.residual_(rtrue, x)                       # f - K x in f's storage: no K x field
+    else:
+        rtrue.sub_(op.apply(x))
+    rtrue = op.project_mean_free(rtrue)
     res = torch.where(zero_rhs, torch.zeros_like(fnorm), op.dot(rtrue, rtrue).sqrt() / fnorm).tolist()
     conv = [not bool(a) for a in active.tolist()]
     energy_err = []

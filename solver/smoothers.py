@@ -89,11 +89,11 @@ class Smoother:
         """From zero (``x`` None) a new field; otherwise ``x`` is updated in place."""
         if x is None:
             return self.correction(b)
-        r = self.op.apply(x)
-        torch.sub(b, r, out=r)                       # r = b - K x, in K x's storage
-        return x.add_(self.correction(r))
+        r = self.op.residual_(b.clone(), x)          # r = b - K x
+        return x.add_(self.correction(r, own=True))
 
-    def correction(self, r):  # pragma: no cover - abstract
+    def correction(self, r, own: bool = False):  # pragma: no cover - abstract
+        """S r; ``own``: r is this call's to overwrite."""
         raise NotImplementedError
 
 
@@ -109,7 +109,7 @@ class ChebyshevSmoother(Smoother):
         super().__init__(op)
         self.dinv, self.degree, self.lmax, self.lmin = dinv, int(degree), float(lmax), float(lmax) / ratio
 
-    def correction(self, r):
+    def correction(self, r, own: bool = False):
         theta = 0.5 * (self.lmax + self.lmin)
         delta = 0.5 * (self.lmax - self.lmin)
         sigma = theta / delta
@@ -117,13 +117,14 @@ class ChebyshevSmoother(Smoother):
         d = torch.mul(r, self.dinv).mul_(1.0 / theta)
         x = None                                     # the sum of the d's; d itself until a second one
         for k in range(self.degree - 1):
-            q = self.op.apply(d)
-            torch.sub(r, q, out=q)                   # the new residual, in K d's storage
-            r = q
+            # the new residual r - K d: in r's storage when it is ours (from the second
+            # step on, and after Smoother.__call__'s residual), so the smoother holds
+            # two fields besides x
+            q = self.op.residual_(r if own else r.clone(), d)
+            r, own = q, True
             rho_new = 1.0 / (2.0 * sigma - rho)
             if k == self.degree - 2:
-                # last term: the new d in the residual's storage (no longer needed), so
-                # the smoother holds two fields besides its input
+                # last term: the new d in the residual's storage (no longer needed)
                 q.mul_(self.dinv).mul_(2.0 * rho_new / delta).add_(d, alpha=rho_new * rho)
                 return (d if x is None else x).add_(q)
             if x is None:
@@ -146,7 +147,7 @@ class JacobiSmoother(Smoother):
         super().__init__(op)
         self.dinv, self.steps, self.omega = dinv, int(steps), float(scale) / float(lmax)
 
-    def correction(self, r):
+    def correction(self, r, own: bool = False):
         x = torch.mul(r, self.dinv).mul_(self.omega)
         for _ in range(self.steps - 1):
             q = self.op.apply(x)
@@ -159,7 +160,7 @@ class JacobiSmoother(Smoother):
 
 
 def _spectral_setup(op, safety, lanczos_steps):
-    dinv = 1.0 / op.diagonal()
+    dinv = 1.0 / op.diagonal(cache=False)                # D^-1 only: no second field kept
     lmax = safety * estimate_lambda_max(op, dinv, steps=lanczos_steps)
     return dinv, lmax
 

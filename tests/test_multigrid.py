@@ -141,10 +141,39 @@ def test_element_operator_diagonal_and_symmetry(rng):
     A = _to_vec(op.apply(_from_vec(I.numpy(), (3, 4, 5))))
     np.testing.assert_allclose(A, A.T, atol=1e-12)
     np.testing.assert_allclose(_to_vec(op.diagonal())[:, 0], np.diag(A), atol=1e-12)
-    # stored packed (upper triangle), handed out whole
-    assert op.nbytes == 60 * 300 * 8
+    # all different: every matrix stored, handed out whole
+    assert op.shared.shape[0] == 0 and tuple(op.km.shape) == (60, 24, 24)
     box = (slice(1, 3), slice(0, 4, 2), slice(2, 5))
     assert torch.equal(op.element_matrices_box(box), ke[box])
+
+
+def test_element_operator_shares_equal_matrices(rng):
+    """Voxels with bit-equal K_E share one stored matrix (one GEMM); the operator is
+    the same matrix as with every K_E stored: apply (one and three cases), diagonal,
+    matrices handed out."""
+    shape = (4, 5, 6)
+    pool = torch.as_tensor(rng.standard_normal((3, 24, 24)))
+    pool = pool + pool.transpose(-1, -2)
+    which = torch.as_tensor(rng.choice(4, size=shape, p=[0.45, 0.3, 0.15, 0.1]))
+    ke = pool[which.clamp(max=2)]
+    own = torch.as_tensor(rng.standard_normal((int((which == 3).sum()), 24, 24)))
+    ke[which == 3] = own + own.transpose(-1, -2)                  # mixed: each its own
+    op = ElementMatrixOperator(ke, SerialDomain(shape), min_shared=5)
+    n_shared = [int((which == g).sum()) for g in range(3)]
+    assert op.shared.shape[0] == sum(c >= 5 for c in n_shared) >= 2
+    assert op.km.shape[0] == int(sum(c for c in n_shared if c < 5) + (which == 3).sum())
+    ref = ElementMatrixOperator(ke, SerialDomain(shape), min_shared=10 ** 9)   # nothing shared
+    assert ref.shared.shape[0] == 0
+    for B in (1, 3):
+        u = torch.as_tensor(rng.standard_normal((B, 3) + shape))
+        torch.testing.assert_close(op.apply(u), ref.apply(u), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(op.diagonal(), ref.diagonal(), rtol=0, atol=0)
+    box = (slice(0, 4, 3), slice(1, 5), slice(0, 6, 2))
+    assert torch.equal(op.element_matrices_box(box), ke[box])
+    # a wrong shared matrix is seen by the comparison above
+    op.shared[0] += 1e-6
+    u = torch.as_tensor(rng.standard_normal((1, 3) + shape))
+    assert not torch.allclose(op.apply(u), ref.apply(u), rtol=1e-13, atol=1e-12)
 
 
 # -- the preconditioner -------------------------------------------------------------------
