@@ -615,7 +615,8 @@ class MultigridPreconditioner:
         for i, lv in enumerate(self.levels):
             kind = ("matrix-free lambda, mu" if isinstance(lv.op, ElasticityOperator) else
                     f"{lv.op.nw} Lame weights per voxel" if isinstance(lv.op, GalerkinCoefficientOperator) else
-                    "24x24 per voxel")
+                    f"24x24: {lv.op.shared.shape[0]} shared, {lv.op.km.shape[0]} own "
+                    f"({100.0 * lv.op.km.shape[0] / max(1, lv.op.code.numel()):.0f}% of voxels)")
             sm = repr(lv.smoother) if lv.smoother is not None else "coarse: " + repr(self.coarse_solver)
             grid = "x".join(str(n) for n in lv.shape)
             mem = lv.nbytes + (self.coarse_solver.nbytes if i == len(self.levels) - 1 else 0)
