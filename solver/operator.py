@@ -229,8 +229,8 @@ class ElasticityOperator:
                 ug = ug.contiguous(memory_format=cl)
             window = lambda a, b, out=None: ug[:, :, a:b] if out is None else out.copy_(ug[:, :, a:b])  # noqa: E731
         if len(slabs) == 1 and not halves:
-            y = F.conv3d(self._scale_(F.conv3d(window(0, u.shape[2] + 2), self.weight), lame=s_lo), wt)
-            return y if sub_from is None else sub_from.sub_(y)
+            y = F.conv3d(self._scale_(F.conv3d(window(0, u.shape[2] + 2), self.weight), lame=s_lo), wt)[:, :3]
+            return y.contiguous(memory_format=cl) if sub_from is None else sub_from.sub_(y)
         y = torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=cl) if sub_from is None else sub_from
         put = (lambda t, x0, x1: y[:, :, x0:x1].copy_(t)) if sub_from is None else \
             (lambda t, x0, x1: y[:, :, x0:x1].sub_(t))
@@ -241,7 +241,7 @@ class ElasticityOperator:
             v = F.conv3d(window(x0, x1 + 2), self.weight)
             if not v.is_contiguous(memory_format=cl):     # oneDNN may answer channels-first for B = 1
                 v = v.contiguous(memory_format=cl)
-            put(F.conv3d(self._scale_(v, x0, x1 + 1, lame=s_lo), wt), x0, x1)
+            put(F.conv3d(self._scale_(v, x0, x1 + 1, lame=s_lo), wt)[:, :3], x0, x1)
         return y
 
     def _slab_in_halves(self, u, window, put, x0: int, x1: int, wt, s_lo) -> None:
@@ -265,7 +265,7 @@ class ElasticityOperator:
             v = v.contiguous(memory_format=cl)
         for k, s in enumerate(starts):
             self._scale_(v[k:k + 1], s, s + L + 1, lame=s_lo)
-        out = F.conv3d(v, wt)                                           # (2, 3, L, ...)
+        out = F.conv3d(v, wt)[:, :3]                                    # (2, 3, L, ...)
         skip = 2 * L - (x1 - x0)                                        # the shared plane, once
         put(out[0:1], x0, x0 + L)
         put(out[1:2, :, skip:], x1 - L + skip, x1)
@@ -287,9 +287,15 @@ class ElasticityOperator:
         return self.domain.accumulate(yg, hi=1).contiguous(memory_format=cl)
 
     def _node_weight(self) -> torch.Tensor:
-        """The Conv3d weight (3, rows, 2, 2, 2) that sums G^T v over a node's voxels."""
+        """The Conv3d weight that sums G^T v over a node's voxels: (8, rows, 2, 2, 2),
+        output channels 3..7 zero. oneDNN's CPU kernel for 3 output channels is slow:
+        with 8 (2.7x the multiply-adds, the extra ones on zeros) this convolution took
+        8.1 instead of 10.4 ms per one-case slab pair at 128^3 on one thread
+        (session 8 microbenchmark), 6 output channels 11.5 ms. The apply keeps
+        channels 0..2."""
         if getattr(self, "_wt", None) is None or self._wt.dtype != self.weight.dtype:
-            self._wt = self.weight.flip(2, 3, 4).transpose(0, 1).contiguous(
+            w = self.weight.flip(2, 3, 4).transpose(0, 1)
+            self._wt = torch.cat([w, w.new_zeros((8 - w.shape[0],) + tuple(w.shape[1:]))]).contiguous(
                 memory_format=torch.channels_last_3d)
         return self._wt
 
