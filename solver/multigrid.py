@@ -90,7 +90,7 @@ class ElementMatrixOperator:
     ("mixed") voxels keep their matrix, in x-major order (a slab's are contiguous),
     for a batched product. The operator is the same matrix either way: only equal
     matrices are shared. Level 2 of the 128^3 gyroid sheet: 38 MB packed (an earlier
-    layout) -> 17 MB, its one-case apply 17 -> ~6 ms.
+    layout) -> 17 MB, its one-case apply 17 -> ~8 ms.
 
     Same interface as ElasticityOperator for what multigrid and PCG use: apply,
     diagonal, dot, gram, project_mean_free, domain, dtype, device.
@@ -432,7 +432,8 @@ class DenseCoarseSolver:
     T the three translations (N nodes), s = mean diag(K), Q the mean-free projector.
     Since K T = 0, the translations are eigenvectors of the shifted matrix and
     Q A^-1 Q is the Moore-Penrose pseudo-inverse of K: symmetric, exact. The global
-    vector is gathered with Domain.sum, so every rank solves redundantly (built in float64, applied in the level's precision)."""
+    vector is gathered with Domain.sum, so every rank solves redundantly (built in
+    float64, applied in the level's precision)."""
 
     name = "dense pseudo-inverse"
 

@@ -475,10 +475,9 @@ class EnergyCH:
     which homogenize uses at rtol <= 1e-5 in float32 solves: the term is ~0.1 rtol of
     C^H there (1.1e-7 on the 64^3 gyroid at rtol 1e-6), so C^H moves by ~1e-9
     against full fields (bfloat16: 7e-11), below float32 storage's own ~1e-7.
-    f^i.chi^j and r^j come
-    from one pass over the voxels of chi^j in float64 (ElasticityOperator.affine_residual;
-    r^j is then stored in the operator's precision, a relative 2^-24 of itself in
-    float32).
+    f^i.chi^j and r^j come from one pass over the voxels of chi^j in float64
+    (ElasticityOperator.affine_residual; r^j is then stored in the operator's
+    precision, a relative 2^-24 of itself in float32).
 
         acc = EnergyCH(op); acc.add(chi_block, cases, keep='copy'); ...; C = acc.result()
 

@@ -380,6 +380,15 @@ def test_energy_form_chom_from_low_precision_copies_of_solved_cases(precision, s
     assert rel((op64.mean_stiffness() - first / op64.volume).numpy(), full) > 100 * tol
 
 
+def test_release_free_memory_finds_the_allocator():
+    """homogenize hands free pages back between phases; on Linux one of the two
+    allocators' calls must be found (tcmalloc when preloaded, else glibc)."""
+    from solver.homogenize import release_free_memory
+    from hpc.allocator import active_allocator
+    got = release_free_memory()
+    assert got == ("tcmalloc" if active_allocator() == "tcmalloc" else "glibc")
+
+
 def test_float32_cases_one_at_a_time_with_float8_copies_give_the_same_chom(rng):
     """One case at a time in float32 at rtol 1e-6 keeps the finished cases as float8
     (EnergyCH): C^H equals the six-case block's to far below the tolerance (2.8e-10
