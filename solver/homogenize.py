@@ -107,7 +107,9 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
     the answer does not depend on it, only the iteration count.
     ``groups`` > 1 solves the six load cases in that many groups one after another
     (the PCG vectors shrink to 6/groups cases; the operator and preconditioner are
-    shared): for when memory is short.
+    shared): for when memory is short. Finished groups are kept for C^H only as
+    low-precision copies (EnergyCH): bfloat16, or float8 in float32 solves with rtol
+    <= 1e-5 and no ctol, where their term is far below the tolerance.
     ``flush_denormal`` sets the CPU's flush-to-zero mode (torch.set_flush_denormal),
     process-wide: soft-void products underflow into denormal floats, which made the
     float32 apply 3x slower here (BENCHMARKS.md); values below 1.2e-38 become 0.
