@@ -33,6 +33,24 @@ class BlockLayout:
         return self.global_shape[0] * self.global_shape[1] * self.global_shape[2]
 
 
+def _layout_of(x: torch.Tensor):
+    """channels_last_3d for a 5-d tensor stored that way, else contiguous."""
+    cl = torch.channels_last_3d
+    return cl if (x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=cl)) \
+        else torch.contiguous_format
+
+
+def _wrap_layers(out: torch.Tensor, dims, lo: int, hi: int) -> None:
+    """Fill the lo/hi periodic ghost layers of ``out`` along ``dims`` from its own
+    owned layers (axis by axis, so edges and corners come with the later axes)."""
+    for d in dims:
+        n = out.shape[d] - lo - hi
+        for j in range(hi):      # high ghost layer j <- owned layer j mod n
+            out.narrow(d, lo + n + j, 1).copy_(out.narrow(d, lo + j % n, 1))
+        for j in range(lo):      # low ghost layer lo-1-j <- owned layer n-1-j mod n
+            out.narrow(d, lo - 1 - j, 1).copy_(out.narrow(d, lo + (n - 1 - j) % n, 1))
+
+
 class SerialDomain(BlockLayout):
     """The whole periodic grid on one process."""
 
@@ -58,19 +76,10 @@ class SerialDomain(BlockLayout):
             d = x.dim() - 3 + ax
             core.append(slice(lo, lo + shape[d]))
             shape[d] += lo + hi
-        fmt = torch.channels_last_3d if (x.dim() == 5 and not x.is_contiguous()
-                                         and x.is_contiguous(memory_format=torch.channels_last_3d)) \
-            else torch.contiguous_format
-        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_layout_of(x))
         lead = (slice(None),) * (x.dim() - 3)
         out[lead + tuple(core)] = x
-        for ax in range(3):
-            d = x.dim() - 3 + ax
-            n = x.shape[d]
-            for j in range(hi):      # high ghost layer j <- owned layer j mod n
-                out.narrow(d, lo + n + j, 1).copy_(out.narrow(d, lo + j % n, 1))
-            for j in range(lo):      # low ghost layer lo-1-j <- owned layer n-1-j mod n
-                out.narrow(d, lo - 1 - j, 1).copy_(out.narrow(d, lo + (n - 1 - j) % n, 1))
+        _wrap_layers(out, range(x.dim() - 3, x.dim()), lo, hi)
         return out
 
     def ghost_window(self, x: torch.Tensor, a: int, b: int, lo: int = 0, hi: int = 1,
@@ -84,10 +93,7 @@ class SerialDomain(BlockLayout):
         ly, lz = x.shape[-2], x.shape[-1]
         shape = tuple(x.shape[:-3]) + (b - a, ly + lo + hi, lz + lo + hi)
         if out is None:
-            fmt = torch.channels_last_3d if (x.dim() == 5 and not x.is_contiguous()
-                                             and x.is_contiguous(memory_format=torch.channels_last_3d)) \
-                else torch.contiguous_format
-            out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+            out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_layout_of(x))
         elif tuple(out.shape) != shape:
             raise ValueError(f"ghost_window: out has shape {tuple(out.shape)}, expected {shape}")
         lead = (slice(None),) * (x.dim() - 3)
@@ -97,11 +103,7 @@ class SerialDomain(BlockLayout):
             k = min(b - g, n - o)
             out[lead + (slice(g - a, g - a + k), slice(lo, lo + ly), slice(lo, lo + lz))] = x[lead + (slice(o, o + k),)]
             g += k
-        for d, m in ((x.dim() - 2, ly), (x.dim() - 1, lz)):
-            for j in range(hi):
-                out.narrow(d, lo + m + j, 1).copy_(out.narrow(d, lo + j % m, 1))
-            for j in range(lo):
-                out.narrow(d, lo - 1 - j, 1).copy_(out.narrow(d, lo + (m - 1 - j) % m, 1))
+        _wrap_layers(out, (x.dim() - 2, x.dim() - 1), lo, hi)
         return out
 
     def accumulate(self, xg: torch.Tensor, lo: int = 0, hi: int = 1) -> torch.Tensor:
