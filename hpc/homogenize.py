@@ -195,7 +195,8 @@ def result_json(res, out_path) -> dict:
             "iterations": res.iterations, "residuals": res.residuals, "converged": res.converged,
             "chom_error_estimate": res.error_estimate, "precision": res.precision,
             "preconditioner": res.preconditioner, "times": res.times, "shape": list(res.shape),
-            "ranks": res.domain.get("ranks", 1), "allocator": active_allocator(), "output": out_path}
+            "ranks": res.domain.get("ranks", 1), "allocator": active_allocator(),
+            "operator_apply": res.extra.get("operator_apply"), "output": out_path}
 
 
 def main(argv=None) -> int:

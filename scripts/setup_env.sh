@@ -15,7 +15,7 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$REQ_HASH" ]] && "$VENV/bin/python" -
     exit 0
 fi
 
-DEB_PKGS="python3-petsc4py python3-mpi4py python3-h5py python3-numpy python3-scipy python3-yaml python3-venv python3-dev openmpi-bin libopenmpi-dev slurm-wlm munge libtcmalloc-minimal4"
+DEB_PKGS="gcc libc6-dev python3-petsc4py python3-mpi4py python3-h5py python3-numpy python3-scipy python3-yaml python3-venv python3-dev openmpi-bin libopenmpi-dev slurm-wlm munge libtcmalloc-minimal4"
 missing=""
 for p in $DEB_PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

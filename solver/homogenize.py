@@ -211,5 +211,5 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
         precision=precision, solver="pcg", preconditioner=preconditioner, rtol=rtol, ctol=ctol,
         times={"setup": t_setup, "warm_start": t_warm, "solve": t_solve, "total": t_total}, shape=tuple(shape),
         device=str(dev), domain=domain.describe(), soft=soft,
-        chi=chi, extra={"history": info.history, "groups": groups,
+        chi=chi, extra={"history": info.history, "groups": groups, "operator_apply": op.apply_form(),
                         **({"multigrid": mg_summary} if mg_summary else {})})

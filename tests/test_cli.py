@@ -192,3 +192,5 @@ def test_cli_runs_on_tcmalloc_and_records_it(tmp_path):
                             "--json", "-o", str(tmp_path / f"{mode}.h5")], capture_output=True, text=True, env=env)
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["allocator"] == want
+        # one Poisson ratio on CPU: the fused C apply served, and the result says so
+        assert json.loads(p.stdout)["operator_apply"] == "native"
