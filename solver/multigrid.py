@@ -200,7 +200,44 @@ class ElementMatrixOperator:
             self._gw = E.contiguous(memory_format=torch.channels_last_3d)
         return self._gw
 
+    # -- the fused C apply (solver/native.py) ----------------------------------
+    def _native_args(self) -> Optional[dict]:
+        """The per-voxel data of the fused C apply, or None where it cannot serve."""
+        if getattr(self, "_nat", None) is None:
+            # Galerkin matrices annihilate translations (the kernel then subtracts a node
+            # value from u_E); a general K_E need not
+            t = torch.zeros(24, 3, dtype=self.dtype, device=self.device)
+            for c in range(3):
+                t[c::3, c] = 1.0
+            tol = 64 * torch.finfo(self.dtype).eps
+            free = all(bool((m @ t).abs().max() <= tol * m.abs().max()) for m in (self.shared, self.km)
+                       if m.shape[0])
+            self._nat = dict(code=self.code, row=self.row, shared=self.shared, km=self.km, center=free)
+        return self._nat
+
+    def _native_ok(self, u: torch.Tensor) -> bool:
+        if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.float64):
+            return False
+        if torch.is_grad_enabled() and u.requires_grad:
+            return False
+        if getattr(self, "native", None) is None:
+            from . import native
+            self.native = native.available() and self._native_args() is not None
+        return self.native
+
+    def _apply_native(self, u: torch.Tensor) -> torch.Tensor:
+        """K u by the fused C kernel: scatter form on u with one high ghost layer, then
+        Domain.accumulate folds the high layer of the result back."""
+        from . import native
+        cl = torch.channels_last_3d
+        ug = self.domain.ghost(u, hi=1)
+        yg = torch.empty(ug.shape, dtype=u.dtype, device=u.device, memory_format=cl)
+        native.hex8_coarse_apply(ug, yg, **self._native_args())
+        return self.domain.accumulate(yg, hi=1)
+
     def apply(self, u: torch.Tensor) -> torch.Tensor:
+        if self._native_ok(u):
+            return self._apply_native(u)
         B = u.shape[0]
         ug = self.domain.ghost(u, hi=1).contiguous(memory_format=torch.channels_last_3d)
         gw = self._gather_weight()
@@ -318,6 +355,15 @@ class GalerkinCoefficientOperator(ElementMatrixOperator):
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.coef, self.bases, self.kind, self.uniform))
+
+    def _native_args(self) -> Optional[dict]:
+        if self.nw != 8:          # two Poisson ratios: the lambda and mu bases (not in the kernel)
+            return None
+        if getattr(self, "_nat", None) is None:
+            self._nat = dict(coef=self.coef.contiguous(), kind=self.kind.contiguous(),
+                             bases=self.bases.reshape(-1, 8, 24, 24).contiguous(),
+                             sums=self._sums[:, 0].contiguous(), center=True)   # P^T K0 P: translation-free
+        return self._nat
 
     def _boxes(self):
         return self.boxes

@@ -88,6 +88,10 @@ def library():
             fn = getattr(lib, name)
             fn.argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, D, I, I]
             fn.restype = I
+        for name in ("hex8_coarse_apply_f32", "hex8_coarse_apply_f64"):
+            fn = getattr(lib, name)
+            fn.argtypes = [P, P, P, P, I64, I64, I64, I64, I, I, P, P, P, P, P, P, P, P, I]
+            fn.restype = I
         _lib = lib
     except (RuntimeError, OSError) as e:
         _error = str(e)
@@ -133,3 +137,54 @@ def hex8_apply(uw: torch.Tensor, mu_w: torch.Tensor, y: torch.Tensor, K0: torch.
             int(threads or torch.get_num_threads()))
     if rc != 0:
         raise RuntimeError(f"hex8_apply failed (code {rc})")
+
+
+def _ptr(t: Optional[torch.Tensor], dtype=None, shape_tail=None) -> int:
+    if t is None:
+        return 0
+    if not t.is_contiguous() or (dtype is not None and t.dtype != dtype) or t.device.type != "cpu":
+        raise ValueError(f"hex8_coarse_apply: per-voxel data must be contiguous CPU tensors of {dtype}")
+    if shape_tail is not None and tuple(t.shape[-len(shape_tail):]) != tuple(shape_tail):
+        raise ValueError(f"hex8_coarse_apply: per-voxel data of shape {tuple(t.shape)}")
+    return t.data_ptr()
+
+
+def hex8_coarse_apply(ug: torch.Tensor, yg: torch.Tensor, *, coef=None, kind=None, bases=None, sums=None,
+                      code=None, row=None, shared=None, km=None, center: bool = True,
+                      threads: Optional[int] = None) -> None:
+    """yg = sum_E scatter(K_E u_E) for a coarse level, every node of yg written.
+
+    ug, yg: (B, 3, l_x + 1, l_y + 1, l_z + 1), the owned nodes and one high ghost layer
+    (Domain.ghost(u, hi=1); fold yg with Domain.accumulate(yg, hi=1)). The voxels'
+    matrices, one of:
+      coef (l_x, l_y, l_z, 8), kind uint8 (l_x, l_y, l_z), bases (kinds, 8, 24, 24),
+        sums (kinds, 24, 24): K_E = coef_0 sums[kind] where the 8 weights are equal,
+        else sum_j coef_j bases[kind, j] (GalerkinCoefficientOperator, one Poisson ratio);
+      code int16 and row int32 (l_x, l_y, l_z), shared (S, 24, 24), km (M, 24, 24):
+        K_E = shared[code] where code >= 0, else km[row] (ElementMatrixOperator).
+    Every K_E symmetric; ``center``: every K_E annihilates translations (Galerkin
+    matrices do), and u_E minus one of its node values is multiplied (fewer digits lost
+    to cancellation)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"native hex8 apply unavailable: {_error}")
+    dt = ug.dtype
+    if yg.dtype != dt or dt not in (torch.float32, torch.float64):
+        raise TypeError("hex8_coarse_apply: u and y must share dtype float32 or float64")
+    B, c, X, Y, Z = ug.shape
+    if c != 3 or tuple(yg.shape) != tuple(ug.shape):
+        raise ValueError(f"hex8_coarse_apply: shapes u {tuple(ug.shape)}, y {tuple(yg.shape)}")
+    vox = (X - 1, Y - 1, Z - 1)
+    if coef is not None:
+        mode = 1
+        args = [_ptr(coef, dt, vox + (8,)), _ptr(kind, torch.uint8, vox), _ptr(bases, dt, (8, 24, 24)),
+                _ptr(sums, dt, (24, 24)), 0, 0, 0, 0]
+    else:
+        mode = 2
+        args = [0, 0, 0, 0, _ptr(code, torch.int16, vox), _ptr(row, torch.int32, vox),
+                _ptr(shared, dt, (24, 24)) if shared.shape[0] else 0, _ptr(km, dt, (24, 24)) if km.shape[0] else 0]
+    fn = lib.hex8_coarse_apply_f32 if dt == torch.float32 else lib.hex8_coarse_apply_f64
+    rc = fn(ug.data_ptr(), _strides(ug), yg.data_ptr(), _strides(yg), B, *vox, mode, int(bool(center)), *args,
+            int(threads or torch.get_num_threads()))
+    if rc != 0:
+        raise RuntimeError(f"hex8_coarse_apply failed (code {rc})")

@@ -156,12 +156,154 @@ int CAT(hex8_apply_, SUF)(const REAL *u, const int64_t *us, const REAL *mu, cons
         J->y0 = ny * t / threads; J->y1 = ny * (t + 1) / threads;
         J->sign = (REAL)sign; J->assign = assign;
     }
-    for (int t = 1; t < threads; ++t)
-        if (pthread_create(&tid[t], NULL, CAT(work_, SUF), &jobs[t]) != 0) return -1;
+    int made[64] = {0};
+    for (int t = 1; t < threads; ++t)     /* a thread that cannot start runs inline below */
+        made[t] = pthread_create(&tid[t], NULL, CAT(work_, SUF), &jobs[t]) == 0;
     if (CAT(work_, SUF)(&jobs[0]) != NULL) rc = -2;
     for (int t = 1; t < threads; ++t) {
         void *r = NULL;
-        pthread_join(tid[t], &r);
+        if (made[t]) pthread_join(tid[t], &r);
+        else r = CAT(work_, SUF)(&jobs[t]);
+        if (r != NULL) rc = -2;
+    }
+    return rc;
+}
+
+
+/* ---- coarse levels: a 24 x 24 matrix per voxel, scatter form ----------------------
+ * u: the owned nodes with one high ghost layer (B, 3, lx+1, ly+1, lz+1); y: the same
+ * shape, every node written (assign), the high layer holding what its periodic (or
+ * other rank's) owner must add (Domain.accumulate folds it). Voxel w feeds nodes
+ * w + c. The threads own ranges of node rows y. Per voxel, the matrix is
+ *   mode 1 (GalerkinCoefficientOperator, one Poisson ratio): w_0 S_kind where all 8
+ *          children's weights are equal, else sum_j w_j B_kind,j (8 products);
+ *   mode 2 (ElementMatrixOperator): shared[code] where code >= 0, else km[row].
+ * Where every such matrix annihilates translations (``center``: Galerkin matrices
+ * do), u_E - (a node value) is used, as in the fine kernel. */
+typedef REAL CAT(vecu_, SUF) __attribute__((vector_size(32), aligned(sizeof(REAL))));
+
+typedef struct {
+    const REAL *u; int64_t ub, uc, ux, uy, uz;
+    REAL *y; int64_t yb, yc, yx, yy, yz;
+    int64_t B, lx, ly, lz, y0, y1;
+    int mode, center;
+    const REAL *coef; const uint8_t *kind; const REAL *bases; const REAL *sums;
+    const int16_t *code; const int32_t *row; const REAL *shared; const REAL *km;
+} CAT(cjob_, SUF);
+
+static inline void CAT(matvec_, SUF)(VEC acc[NACC], const REAL *M, const REAL *ue, REAL scale)
+{
+    for (int j = 0; j < 24; ++j) {
+        VEC s = (VEC){0} + ue[j] * scale;
+        for (int i = 0; i < NACC; ++i)
+            acc[i] += *(const CAT(vecu_, SUF) *)(M + 24 * j + NV * i) * s;
+    }
+}
+
+static void *CAT(cwork_, SUF)(void *arg)
+{
+    const CAT(cjob_, SUF) *J = (const CAT(cjob_, SUF) *)arg;
+    const int64_t lx = J->lx, ly = J->ly, lz = J->lz, y0 = J->y0, y1 = J->y1;
+    const int64_t rowlen = 3 * (lz + 1) + 8;
+    REAL *obuf = (REAL *)aligned_alloc(64, ((4 * rowlen * sizeof(REAL)) + 63) / 64 * 64);
+    if (!obuf) return (void *)1;
+    for (int64_t b = 0; b < J->B; ++b) {
+        for (int64_t x = 0; x <= lx; ++x)                   /* assign: zero own rows */
+            for (int64_t yy = y0; yy < y1; ++yy) {
+                REAL *yr = J->y + b * J->yb + x * J->yx + yy * J->yy;
+                for (int64_t z = 0; z <= lz; ++z)
+                    for (int k = 0; k < 3; ++k) yr[z * J->yz + k * J->yc] = 0;
+            }
+        const int64_t wy0 = y0 > 0 ? y0 - 1 : 0, wy1 = y1 < ly ? y1 : ly;
+        for (int64_t wx = 0; wx < lx; ++wx) {
+            for (int64_t wy = wy0; wy < wy1; ++wy) {
+                memset(obuf, 0, 4 * rowlen * sizeof(REAL));
+                const REAL *rp[4];
+                for (int p = 0; p < 4; ++p)
+                    rp[p] = J->u + b * J->ub + (wx + (p >> 1)) * J->ux + (wy + (p & 1)) * J->uy;
+                const int64_t v0 = (wx * ly + wy) * lz;       /* voxel index of (wx, wy, 0) */
+                for (int64_t wz = 0; wz < lz; ++wz) {
+                    const int64_t v = v0 + wz;
+                    REAL ue[24], c[3];
+                    for (int k = 0; k < 3; ++k) c[k] = J->center ? rp[0][wz * J->uz + k * J->uc] : 0;
+                    for (int p = 0; p < 4; ++p)
+                        for (int az = 0; az < 2; ++az)
+                            for (int k = 0; k < 3; ++k)
+                                ue[6 * p + 3 * az + k] = rp[p][(wz + az) * J->uz + k * J->uc] - c[k];
+                    VEC acc[NACC];
+                    for (int i = 0; i < NACC; ++i) acc[i] = (VEC){0};
+                    if (J->mode == 1) {
+                        const REAL *w = J->coef + 8 * v;
+                        const int kd = J->kind[v];
+                        int uni = 1;
+                        for (int j = 1; j < 8; ++j) uni &= (w[j] == w[0]);
+                        if (uni) {
+                            CAT(matvec_, SUF)(acc, J->sums + 576 * kd, ue, w[0]);
+                        } else {
+                            const REAL *Bk = J->bases + 8 * 576 * kd;
+                            for (int j = 0; j < 8; ++j)
+                                if (w[j] != 0) CAT(matvec_, SUF)(acc, Bk + 576 * j, ue, w[j]);
+                        }
+                    } else {
+                        const int cd = J->code[v];
+                        const REAL *M = cd >= 0 ? J->shared + 576 * cd : J->km + 576 * (int64_t)J->row[v];
+                        CAT(matvec_, SUF)(acc, M, ue, 1);
+                    }
+                    REAL f[24] __attribute__((aligned(32)));
+                    for (int i = 0; i < NACC; ++i) *(VEC *)(f + NV * i) = acc[i];
+                    for (int p = 0; p < 4; ++p) {
+                        REAL *o = obuf + p * rowlen + 3 * wz;
+                        for (int q = 0; q < 6; ++q) o[q] += f[6 * p + q];
+                    }
+                }
+                for (int p = 0; p < 4; ++p) {               /* node rows (wx + cx, wy + cy) */
+                    const int64_t x = wx + (p >> 1), yy = wy + (p & 1);
+                    if (yy < y0 || yy >= y1) continue;
+                    REAL *yr = J->y + b * J->yb + x * J->yx + yy * J->yy;
+                    const REAL *o = obuf + p * rowlen;
+                    if (J->yc == 1 && J->yz == 3) {
+                        for (int64_t q = 0; q < 3 * (lz + 1); ++q) yr[q] += o[q];
+                    } else {
+                        for (int64_t z = 0; z <= lz; ++z)
+                            for (int k = 0; k < 3; ++k) yr[z * J->yz + k * J->yc] += o[3 * z + k];
+                    }
+                }
+            }
+        }
+    }
+    free(obuf);
+    return NULL;
+}
+
+int CAT(hex8_coarse_apply_, SUF)(const REAL *u, const int64_t *us, REAL *y, const int64_t *ys,
+                                 int64_t B, int64_t lx, int64_t ly, int64_t lz, int mode, int center,
+                                 const REAL *coef, const uint8_t *kind, const REAL *bases, const REAL *sums,
+                                 const int16_t *code, const int32_t *row, const REAL *shared, const REAL *km,
+                                 int threads)
+{
+    if (threads < 1) threads = 1;
+    if (threads > ly + 1) threads = (int)(ly + 1);
+    if (threads > 64) threads = 64;
+    CAT(cjob_, SUF) jobs[64];
+    pthread_t tid[64];
+    int rc = 0;
+    for (int t = 0; t < threads; ++t) {
+        CAT(cjob_, SUF) *J = &jobs[t];
+        J->u = u; J->ub = us[0]; J->uc = us[1]; J->ux = us[2]; J->uy = us[3]; J->uz = us[4];
+        J->y = y; J->yb = ys[0]; J->yc = ys[1]; J->yx = ys[2]; J->yy = ys[3]; J->yz = ys[4];
+        J->B = B; J->lx = lx; J->ly = ly; J->lz = lz; J->mode = mode; J->center = center;
+        J->y0 = (ly + 1) * t / threads; J->y1 = (ly + 1) * (t + 1) / threads;
+        J->coef = coef; J->kind = kind; J->bases = bases; J->sums = sums;
+        J->code = code; J->row = row; J->shared = shared; J->km = km;
+    }
+    int made[64] = {0};
+    for (int t = 1; t < threads; ++t)     /* a thread that cannot start runs inline below */
+        made[t] = pthread_create(&tid[t], NULL, CAT(cwork_, SUF), &jobs[t]) == 0;
+    if (CAT(cwork_, SUF)(&jobs[0]) != NULL) rc = -2;
+    for (int t = 1; t < threads; ++t) {
+        void *r = NULL;
+        if (made[t]) pthread_join(tid[t], &r);
+        else r = CAT(cwork_, SUF)(&jobs[t]);
         if (r != NULL) rc = -2;
     }
     return rc;
