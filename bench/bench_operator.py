@@ -9,11 +9,15 @@ measured matrix-multiply rate, and the per-rank numbers the scaling model uses.
 six load cases and one, the sizes interleaved over three rounds (median of the
 rounds, two applies each): how solver.operator.default_chunk was chosen.
 
-FLOPs are counted for the factored element form k_e = G^T S_e G used by the apply,
-2 * (rows * 24 * 2) per voxel and load case, six cases at once: G has 25 rows when
-lambda and mu vary independently (form "lambda, mu": 2400 flop) and 18 when one
-Poisson ratio holds everywhere (form "one nu": 1728 flop; a solid and its soft void).
-Both forms are timed on the same gyroid: "lambda, mu" gives the void nu = 0.2.
+FLOPs are counted for the form that computes the apply. With one Poisson ratio
+everywhere (a solid and its soft void, "one nu") the CPU apply is the fused C kernel
+(solver/native.py): f_e = mu_e K0 u_e, 2 * 24 * 24 = 1152 flop per voxel and load
+case (it skips the 3 columns that meet the zeros of u_e minus its corner 0, so it
+executes 2 * 24 * 21). The convolution form ("conv") is k_e = G^T S_e G, 2 * (rows *
+24 * 2) per voxel and load case: G has 18 rows with one Poisson ratio (1728 flop) and
+25 when lambda and mu vary independently ("lambda, mu": 2400 flop), the only form
+there. All are timed on the same gyroid ("lambda, mu" gives the void nu = 0.2), six
+cases at once.
 """
 from __future__ import annotations
 
@@ -30,11 +34,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine, machine_line, markdown_table, update_section  # noqa: E402
 
-FORMS = ("one nu", "lambda, mu")
+FORMS = ("one nu, native", "one nu, conv", "lambda, mu, conv")
 
 
-def flop_per_voxel_case(op) -> int:
+def flop_per_voxel_case(op, form: str) -> int:
+    if form.endswith("native"):
+        return 2 * 24 * 24
     return 2 * op.weight.shape[0] * 24 * 2
+
+
+def apply_of(op, form: str):
+    """The apply that ``form`` names: op.apply (which takes the fused C kernel with one
+    Poisson ratio) or the gather convolutions, float32 (the scatter form in float64)."""
+    if form.endswith("native"):
+        assert op.apply_form() == "native", "the fused C apply did not serve: " + op.apply_form()
+        return op.apply
+    if op.dtype == torch.float64:
+        return op._apply_scatter
+    return op._apply_gather
 
 
 def timeit(fn, reps):
@@ -112,18 +129,20 @@ def main():
         for n in a.n:
             cell = tpms("G", "sheet", vf=0.25, n=n)
             for form in FORMS:
-                nu = list(cell.nu) if form == "one nu" else [0.2] + list(cell.nu)[1:]
+                one = form.startswith("one nu")
+                nu = list(cell.nu) if one else [0.2] + list(cell.nu)[1:]
                 for dt in (torch.float32, torch.float64):
-                    if dt == torch.float64 and (n > 64 or form != "one nu"):
+                    if dt == torch.float64 and (n > 64 or not one):
                         continue
                     op = ElasticityOperator.from_phases(cell.phases, cell.E, nu, (1.0 / n,) * 3, dtype=dt)
-                    assert (op.lame_ratio is not None) == (form == "one nu"), form
+                    assert (op.lame_ratio is not None) == one, form
                     u = op.rhs()
                     reps = max(2, int(2e7 / n ** 3))
-                    t_apply = timeit(lambda: op.apply(u), reps)
+                    fn = apply_of(op, form)
+                    t_apply = timeit(lambda: fn(u), reps)
                     t_ghost = timeit(lambda: op.domain.ghost(u, hi=1), reps)
                     t_dot = timeit(lambda: op.dot(u, u), reps)
-                    fl = flop_per_voxel_case(op)
+                    fl = flop_per_voxel_case(op, form)
                     gf = fl * 6 * n ** 3 / t_apply / 1e9
                     rows.append([th, n, str(dt).replace("torch.", ""), f"{form} ({fl})",
                                  f"{t_apply * 1e3:.1f}", f"{6 * n ** 3 / t_apply / 1e6:.1f}", f"{gf:.1f}",
@@ -137,8 +156,10 @@ def main():
             f"Machine: {machine_line(m)}.\n"
             f"Command: `python bench/bench_operator.py --n {' '.join(map(str, a.n))} --threads "
             f"{' '.join(map(str, a.threads))} --write`. Gyroid sheet VF 0.25. GFLOP/s counts the flop "
-            f"of the form the operator chose (k_e = G^T S_e G; G has 18 rows with one Poisson ratio, "
-            f"'one nu', 25 rows otherwise, 'lambda, mu': the same cell with void nu 0.2); sgemm is a "
+            f"of the form timed: 'native', the fused C kernel that serves one Poisson ratio on CPU "
+            f"(f_e = mu_e K0 u_e, 2 * 24 * 24 per voxel-case); 'conv', the convolution form k_e = "
+            f"G^T S_e G (G has 18 rows with one Poisson ratio, 25 rows otherwise, 'lambda, mu': the "
+            f"same cell with void nu 0.2; float64 takes its scatter variant); sgemm is a "
             f"2048^2 float32 matmul in the same process and thread count; denormals flushed to zero, as "
             f"solver.homogenize does.\n\n{table}\n")
     print(text)

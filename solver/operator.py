@@ -249,11 +249,12 @@ class ElasticityOperator:
         return self._k0
 
     def _native_slabs(self, B: int):
-        """Planes per slab of the fused apply: about 2^20 node-cases, 8 planes at the
-        least, and at least four slabs for one load case (each slab's ghosted window is
-        its only temporary; each slab recomputes one voxel plane of its neighbour's)."""
+        """Planes per slab of the fused apply: about 4 x chunk node-cases (2^22: 42
+        planes of six cases at 128^3, a 53 MB window), 8 planes at the least, and at
+        least four slabs for one load case (each slab's ghosted window is its only
+        temporary; each slab recomputes one voxel plane of its neighbour's)."""
         lx, ly, lz = self.domain.local_shape
-        per_x = max(8, self.chunk // max(1, ly * lz * B))
+        per_x = max(8, 4 * self.chunk // max(1, ly * lz * B))
         if B == 1:
             per_x = min(per_x, max(8, -(-lx // 4)))
         per_x = min(per_x, lx)
