@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 _SRC = Path(__file__).with_name("native")
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=gnu11"]
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=gnu11"]
 _lib = None
 _error: Optional[str] = None
 
@@ -86,7 +86,7 @@ def library():
         P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
         for name in ("hex8_apply_f32", "hex8_apply_f64"):
             fn = getattr(lib, name)
-            fn.argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, D, I, I]
+            fn.argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, D, I, I, I]
             fn.restype = I
         for name in ("hex8_coarse_apply_f32", "hex8_coarse_apply_f64"):
             fn = getattr(lib, name)
@@ -112,13 +112,17 @@ def _strides(t: torch.Tensor):
 
 
 def hex8_apply(uw: torch.Tensor, mu_w: torch.Tensor, y: torch.Tensor, K0: torch.Tensor,
-               sign: float = 1.0, assign: bool = True, threads: Optional[int] = None) -> None:
+               sign: float = 1.0, assign: bool = True, zwrap: bool = False,
+               threads: Optional[int] = None) -> None:
     """y (B, 3, L, ny, nz) = (or +=) sign * sum_e mu_e K0 u_e over the window.
 
     uw: (B, 3, L+2, ny+2, nz+2) nodes -1 .. L of the slab (a ghosted window);
     mu_w: (L+1, ny+1, nz+1) voxels -1 .. L-1; K0: (24, 24) contiguous, symmetric;
     all CPU tensors of one dtype (float32 or float64), any strides (channels-last
-    is the fast one for y). ``threads``: default torch.get_num_threads()."""
+    is the fast one for y). ``zwrap``: the window's z axis is the whole periodic axis
+    (its ghost nodes are copies of its own): each row's nz voxels are made once and the
+    contribution to node nz folds onto node 0. ``threads``: default
+    torch.get_num_threads()."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"native hex8 apply unavailable: {_error}")
@@ -133,7 +137,7 @@ def hex8_apply(uw: torch.Tensor, mu_w: torch.Tensor, y: torch.Tensor, K0: torch.
         raise ValueError("hex8_apply: K0 must be a contiguous (24, 24) tensor")
     fn = lib.hex8_apply_f32 if dt == torch.float32 else lib.hex8_apply_f64
     rc = fn(uw.data_ptr(), _strides(uw), mu_w.data_ptr(), _strides(mu_w), y.data_ptr(), _strides(y),
-            K0.data_ptr(), B, L, ny, nz, float(sign), int(bool(assign)),
+            K0.data_ptr(), B, L, ny, nz, float(sign), int(bool(assign)), int(bool(zwrap)),
             int(threads or torch.get_num_threads()))
     if rc != 0:
         raise RuntimeError(f"hex8_apply failed (code {rc})")

@@ -283,9 +283,11 @@ class ElasticityOperator:
             ug = self.domain.ghost(u, lo=1, hi=1)
             window = lambda a, b: ug[:, :, a:b]  # noqa: E731
         y = torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=cl) if sub_from is None else sub_from
+        # z not split over ranks: the window's z ghosts are copies of its own nodes
+        zwrap = self.domain.local_shape[2] == self.domain.global_shape[2]
         for x0, x1 in slabs:
             native.hex8_apply(window(x0, x1 + 2), mu_lo[x0:x1 + 1], y[:, :, x0:x1], K0,
-                              sign=1.0 if sub_from is None else -1.0, assign=sub_from is None)
+                              sign=1.0 if sub_from is None else -1.0, assign=sub_from is None, zwrap=zwrap)
         return y
 
     def _apply_gather(self, u: torch.Tensor, sub_from: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -128,6 +128,11 @@ def test_native_apply_is_built_and_serves_one_poisson_ratio():
     u = torch.randn(2, 3, 4, 5, 6)
     assert one._native_ok(u) and not two._native_ok(u)
     assert not one._native_ok(u.clone().requires_grad_())
+    # its OpenMP threads are PyTorch's pool: one libgomp in the process, not two
+    one.apply(u)
+    with open("/proc/self/maps") as f:
+        gomps = {ln.split()[-1] for ln in f if "libgomp" in ln}
+    assert len(gomps) == 1, gomps
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
@@ -172,6 +177,14 @@ def test_native_apply_equals_assembled_matrix(shape, dtype, tol, rng):
                 if B not in first:
                     first[B] = y
                 assert torch.equal(y, first[B])
+    # the kernel on a whole ghosted window: z as the periodic axis (each row's voxels
+    # once, node nz folded onto node 0: what a z-whole domain uses) and z ghosted
+    # (the voxel -1 made from the window: what a rank with a z-split block needs)
+    ug = op.domain.ghost(u.to(dtype), lo=1, hi=1)
+    for zwrap in (True, False):
+        y = torch.empty(u.shape, dtype=dtype)
+        native.hex8_apply(ug, op._scale_lo()[1], y, op._K0(), zwrap=zwrap)
+        assert np.abs(to_nodes_first(y.double()) - yref).max() <= tol * scale
     # a wrong element matrix fails: the oracle can tell
     op._k0 = op._K0() * (1 + 1e-3 * torch.eye(24, dtype=dtype))
     y = op._apply_native(u.to(dtype))

@@ -1,5 +1,5 @@
 /* Fused matrix-free hex8 apply on the CPU (solver/native.py builds and loads it). */
-#include <pthread.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>

@@ -28,6 +28,7 @@ typedef struct {
     int64_t B, L, ny, nz, y0, y1;
     REAL sign;
     int assign;                                     /* 1: y = sign K u, else y += sign K u */
+    int zwrap;                                      /* z not split: window z is periodic */
 } CAT(job_, SUF);
 
 /* One thread's node rows [y0, y1), the voxels of a row in the SIMD lanes (NV
@@ -45,7 +46,10 @@ static void *CAT(work_, SUF)(void *arg)
 {
     const CAT(job_, SUF) *J = (const CAT(job_, SUF) *)arg;
     const int64_t nz = J->nz, L = J->L, y0 = J->y0, y1 = J->y1;
-    const int64_t nvox = nz + 1, nblk = (nvox + NV - 1) / NV;
+    /* zwrap (the window's z extent is the whole periodic axis): the nz voxels 0 ..
+       nz-1 only, and the contribution to node nz folded onto node 0; voxel -1 is then
+       voxel nz-1 and need not be made again. Otherwise the nz + 1 voxels -1 .. nz-1. */
+    const int64_t zs = J->zwrap ? 1 : 0, nvox = J->zwrap ? nz : nz + 1, nblk = (nvox + NV - 1) / NV;
     const int64_t rl = (nblk + 1) * NV + NV + 8;     /* scratch row length (nodes), padded */
     VEC (*Kb)[24] = (VEC (*)[24])aligned_alloc(64, sizeof(VEC) * 24 * 24);
     REAL *buf = (REAL *)aligned_alloc(64, (((2 * 12 + 1) * rl * sizeof(REAL)) + 63) / 64 * 64);
@@ -84,23 +88,25 @@ static void *CAT(work_, SUF)(void *arg)
                 }
                 {
                     const REAL *m = J->mu + wx * J->mx + wy * J->my;
-                    for (int64_t z = 0; z < nvox; ++z) sm[z] = m[z * J->mz];
+                    for (int64_t z = 0; z < nvox; ++z) sm[z] = m[(z + zs) * J->mz];
                 }
                 memset(so, 0, 12 * rl * sizeof(REAL));
+                const REAL *suz = su + zs;
+                REAL *soz = so + zs;
                 for (int64_t blk = 0; blk < nblk; blk += 2) {      /* two blocks of NV voxels */
                     const int64_t z0 = blk * NV, z1 = z0 + NV;           /* (the second may be spare) */
                     VEC ue[2][24];
                     VEC mv[2];
                     for (int h = 0; h < 2; ++h) {
                         const int64_t zb = h ? z1 : z0;
-                        const VEC c0 = *(const VU *)(su + 0 * rl + zb);
-                        const VEC c1 = *(const VU *)(su + 1 * rl + zb);
-                        const VEC c2 = *(const VU *)(su + 2 * rl + zb);
+                        const VEC c0 = *(const VU *)(suz + 0 * rl + zb);
+                        const VEC c1 = *(const VU *)(suz + 1 * rl + zb);
+                        const VEC c2 = *(const VU *)(suz + 2 * rl + zb);
                         for (int a = 1; a < 8; ++a) {          /* dof 3a + k: corner a = (p, az) */
                             const int p = a >> 1, az = a & 1;
-                            ue[h][3 * a + 0] = *(const VU *)(su + (3 * p + 0) * rl + zb + az) - c0;
-                            ue[h][3 * a + 1] = *(const VU *)(su + (3 * p + 1) * rl + zb + az) - c1;
-                            ue[h][3 * a + 2] = *(const VU *)(su + (3 * p + 2) * rl + zb + az) - c2;
+                            ue[h][3 * a + 0] = *(const VU *)(suz + (3 * p + 0) * rl + zb + az) - c0;
+                            ue[h][3 * a + 1] = *(const VU *)(suz + (3 * p + 1) * rl + zb + az) - c1;
+                            ue[h][3 * a + 2] = *(const VU *)(suz + (3 * p + 2) * rl + zb + az) - c2;
                         }
                         mv[h] = *(const VU *)(sm + zb) * J->sign;
                     }
@@ -117,13 +123,15 @@ static void *CAT(work_, SUF)(void *arg)
                         }
                         for (int ii = 0; ii < 4; ++ii) {
                             const int i = 4 * g + ii, a = i / 3, k = i % 3, p = a >> 1, az = a & 1;
-                            VU *o = (VU *)(so + (3 * p + k) * rl + z0 + az);
+                            VU *o = (VU *)(soz + (3 * p + k) * rl + z0 + az);
                             *o = *o + acc0[ii] * mv[0];
-                            VU *o1 = (VU *)(so + (3 * p + k) * rl + z1 + az);
+                            VU *o1 = (VU *)(soz + (3 * p + k) * rl + z1 + az);
                             *o1 = *o1 + acc1[ii] * mv[1];
                         }
                     }
                 }
+                if (J->zwrap)                               /* node nz is node 0 */
+                    for (int r = 0; r < 12; ++r) so[r * rl + 1] += so[r * rl + nz + 1];
                 /* node rows (wx - 1 + cx, wy - 1 + cy), nodes z = 0 .. nz-1 (window 1 .. nz) */
                 for (int p = 0; p < 4; ++p) {
                     const int64_t x = wx - 1 + (p >> 1), yy = wy - 1 + (p & 1);
@@ -153,32 +161,30 @@ static void *CAT(work_, SUF)(void *arg)
 int CAT(hex8_apply_, SUF)(const REAL *u, const int64_t *us, const REAL *mu, const int64_t *ms,
                           REAL *y, const int64_t *ys, const REAL *K,
                           int64_t B, int64_t L, int64_t ny, int64_t nz,
-                          double sign, int assign, int threads)
+                          double sign, int assign, int zwrap, int threads)
 {
     if (threads < 1) threads = 1;
     if (threads > ny) threads = (int)ny;
-    if (threads > 64) threads = 64;
-    CAT(job_, SUF) jobs[64];
-    pthread_t tid[64];
+    CAT(job_, SUF) base;
+    base.u = u; base.ub = us[0]; base.uc = us[1]; base.ux = us[2]; base.uy = us[3]; base.uz = us[4];
+    base.mu = mu; base.mx = ms[0]; base.my = ms[1]; base.mz = ms[2];
+    base.y = y; base.yb = ys[0]; base.yc = ys[1]; base.yx = ys[2]; base.yy = ys[3]; base.yz = ys[4];
+    base.K = K; base.B = B; base.L = L; base.ny = ny; base.nz = nz;
+    base.sign = (REAL)sign; base.assign = assign; base.zwrap = zwrap;
     int rc = 0;
-    for (int t = 0; t < threads; ++t) {
-        CAT(job_, SUF) *J = &jobs[t];
-        J->u = u; J->ub = us[0]; J->uc = us[1]; J->ux = us[2]; J->uy = us[3]; J->uz = us[4];
-        J->mu = mu; J->mx = ms[0]; J->my = ms[1]; J->mz = ms[2];
-        J->y = y; J->yb = ys[0]; J->yc = ys[1]; J->yx = ys[2]; J->yy = ys[3]; J->yz = ys[4];
-        J->K = K; J->B = B; J->L = L; J->ny = ny; J->nz = nz;
-        J->y0 = ny * t / threads; J->y1 = ny * (t + 1) / threads;
-        J->sign = (REAL)sign; J->assign = assign;
-    }
-    int made[64] = {0};
-    for (int t = 1; t < threads; ++t)     /* a thread that cannot start runs inline below */
-        made[t] = pthread_create(&tid[t], NULL, CAT(work_, SUF), &jobs[t]) == 0;
-    if (CAT(work_, SUF)(&jobs[0]) != NULL) rc = -2;
-    for (int t = 1; t < threads; ++t) {
-        void *r = NULL;
-        if (made[t]) pthread_join(tid[t], &r);
-        else r = CAT(work_, SUF)(&jobs[t]);
-        if (r != NULL) rc = -2;
+    /* OpenMP, so the threads are PyTorch's own pool (the library links libgomp.so.1,
+       which the loader resolves to the copy torch already loaded): with threads of our
+       own, torch's workers still spinning after its last parallel op took the cores
+       (a 32^3 six-case apply on 2 threads: 13 ms instead of 6). */
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        CAT(job_, SUF) J = base;
+        J.y0 = ny * t / nt; J.y1 = ny * (t + 1) / nt;
+        if (CAT(work_, SUF)(&J) != NULL) {
+            #pragma omp atomic write
+            rc = -2;
+        }
     }
     return rc;
 }
@@ -298,28 +304,22 @@ int CAT(hex8_coarse_apply_, SUF)(const REAL *u, const int64_t *us, REAL *y, cons
 {
     if (threads < 1) threads = 1;
     if (threads > ly + 1) threads = (int)(ly + 1);
-    if (threads > 64) threads = 64;
-    CAT(cjob_, SUF) jobs[64];
-    pthread_t tid[64];
+    CAT(cjob_, SUF) base;
+    base.u = u; base.ub = us[0]; base.uc = us[1]; base.ux = us[2]; base.uy = us[3]; base.uz = us[4];
+    base.y = y; base.yb = ys[0]; base.yc = ys[1]; base.yx = ys[2]; base.yy = ys[3]; base.yz = ys[4];
+    base.B = B; base.lx = lx; base.ly = ly; base.lz = lz; base.mode = mode; base.center = center;
+    base.coef = coef; base.kind = kind; base.bases = bases; base.sums = sums;
+    base.code = code; base.row = row; base.shared = shared; base.km = km;
     int rc = 0;
-    for (int t = 0; t < threads; ++t) {
-        CAT(cjob_, SUF) *J = &jobs[t];
-        J->u = u; J->ub = us[0]; J->uc = us[1]; J->ux = us[2]; J->uy = us[3]; J->uz = us[4];
-        J->y = y; J->yb = ys[0]; J->yc = ys[1]; J->yx = ys[2]; J->yy = ys[3]; J->yz = ys[4];
-        J->B = B; J->lx = lx; J->ly = ly; J->lz = lz; J->mode = mode; J->center = center;
-        J->y0 = (ly + 1) * t / threads; J->y1 = (ly + 1) * (t + 1) / threads;
-        J->coef = coef; J->kind = kind; J->bases = bases; J->sums = sums;
-        J->code = code; J->row = row; J->shared = shared; J->km = km;
-    }
-    int made[64] = {0};
-    for (int t = 1; t < threads; ++t)     /* a thread that cannot start runs inline below */
-        made[t] = pthread_create(&tid[t], NULL, CAT(cwork_, SUF), &jobs[t]) == 0;
-    if (CAT(cwork_, SUF)(&jobs[0]) != NULL) rc = -2;
-    for (int t = 1; t < threads; ++t) {
-        void *r = NULL;
-        if (made[t]) pthread_join(tid[t], &r);
-        else r = CAT(cwork_, SUF)(&jobs[t]);
-        if (r != NULL) rc = -2;
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        CAT(cjob_, SUF) J = base;
+        J.y0 = (ly + 1) * t / nt; J.y1 = (ly + 1) * (t + 1) / nt;
+        if (CAT(cwork_, SUF)(&J) != NULL) {
+            #pragma omp atomic write
+            rc = -2;
+        }
     }
     return rc;
 }
