@@ -1,18 +1,20 @@
-"""The fused hex8 apply in C (solver/native/hex8.c), built on first use and loaded with ctypes.
+"""The fused hex8 applies in C (solver/native/hex8.c), built on first use, loaded with ctypes.
 
-One pass per voxel row: gather the 24 nodal values of each voxel, multiply by the
-24 x 24 element matrix of unit mu (SIMD over the 24 rows, two voxels per column
-load), scale by mu_e and add into the four node rows the voxel touches. No
-(rows, slab) temporary and no second convolution: on the project's 2-core machine it
-is several times faster than the two oneDNN convolutions of the gather form
-(BENCHMARKS.md, "Operator apply"). It serves the fine operator on CPU when every voxel
-has one Poisson ratio (k_e = mu_e K0); the convolution forms stay for CUDA, for two
-Poisson ratios and where autograd needs them.
+Fine level (``hex8_apply``): f_e = mu_e K0 u_e for every voxel (one Poisson ratio:
+K0 = K_mu + r K_lambda, 24 x 24), gathered, multiplied and added into the nodes in one
+pass per voxel row, the voxels of a row in the SIMD lanes; no temporary beyond a
+ghosted window of u. Coarse levels (``hex8_coarse_apply``): K_E u_E with a 24 x 24
+matrix per voxel (the multigrid's Lame-weight level and its shared / own matrices),
+in the scatter form. Both run on PyTorch's own OpenMP threads (the library links
+libgomp.so.1, which resolves to the copy torch loaded). On the project's 2-core VM the
+fine apply is ~2x the convolution form and the first coarse level's ~2x its PyTorch
+path (BENCHMARKS.md, "Operator apply"). They serve CPU operators in float32 and
+float64; CUDA, two Poisson ratios and autograd keep the PyTorch paths.
 
-The library is compiled with the system C compiler (``cc``, or ``$CC``) with
-``-O3 -march=native`` into ``$HOMOG_CACHE`` (default ``~/.cache/homog``), keyed by
-the source, the flags and the CPU, written atomically (several MPI ranks may build it
-at once). ``HOMOG_NATIVE=0`` turns it off (the convolution forms are then used).
+The library is compiled with the system C compiler (``cc``, or ``$CC``; ``make setup``
+installs gcc) with ``-O3 -march=native -fopenmp`` into ``$HOMOG_CACHE`` (default
+``~/.cache/homog``), keyed by the source, the flags and the CPU, written atomically
+(several MPI ranks may build it at once). ``HOMOG_NATIVE=0`` turns it off.
 """
 from __future__ import annotations
 
