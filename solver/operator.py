@@ -196,7 +196,8 @@ class ElasticityOperator:
             yg[:, :, x0 + ax:x0 + ax + nx, ay:ay + ny, az:az + nz] += fe[:, 3 * a:3 * a + 3]
 
     def apply(self, u: torch.Tensor) -> torch.Tensor:
-        """y = K u for u of shape (B, 3, l_x, l_y, l_z): ``_apply_gather``, or on CPU in
+        """y = K u for u of shape (B, 3, l_x, l_y, l_z): on CPU with one Poisson ratio
+        the fused C kernel (``_apply_native``); otherwise ``_apply_gather``, or on CPU in
         float64 ``_apply_scatter`` (PyTorch's reference float64 Conv3d, without oneDNN,
         is ~3x slower with 18 inputs than the transposed convolution)."""
         if self._native_ok(u):
@@ -210,8 +211,9 @@ class ElasticityOperator:
     def residual_(self, b: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """b <- b - K u in place; returns b. The gather form subtracts slab by slab, so
         no field for K u is made: one field less at the smoothers' peak (25 MB per case
-        at 128^3). Where autograd records (``u`` or ``b`` needs a gradient) or on the
-        float64 CPU path, it is ``b.sub_(apply(u))``."""
+        at 128^3); the fused C kernel subtracts into b directly. Where autograd records
+        (``u`` or ``b`` needs a gradient) or on the float64 convolution path, it is
+        ``b.sub_(apply(u))``."""
         if self._native_ok(u) and not (torch.is_grad_enabled() and b.requires_grad):
             return self._apply_native(u, sub_from=b)
         if (self.dtype == torch.float64 and self.device.type == "cpu") or \
