@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -30,6 +31,7 @@ from typing import Optional
 
 import torch
 
+log = logging.getLogger(__name__)
 _SRC = Path(__file__).with_name("native")
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=gnu11"]
 _lib = None
@@ -57,10 +59,19 @@ def _build() -> Path:
     h.update(_cpu_key().encode())
     h.update(platform.machine().encode())
     cache = Path(os.environ.get("HOMOG_CACHE", Path.home() / ".cache" / "homog"))
-    lib = cache / f"hex8-{h.hexdigest()[:16]}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
+    name = f"hex8-{h.hexdigest()[:16]}.so"
+    if (cache / name).exists():
+        return cache / name
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if not os.access(cache, os.W_OK):
+            raise OSError(f"{cache} is not writable")
+    except OSError:             # a read-only home (some cluster nodes): a per-user temp dir
+        cache = Path(tempfile.gettempdir()) / f"homog-{os.getuid()}"
+        cache.mkdir(parents=True, exist_ok=True)
+        if (cache / name).exists():
+            return cache / name
+    lib = cache / name
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
@@ -97,6 +108,8 @@ def library():
         _lib = lib
     except (RuntimeError, OSError) as e:
         _error = str(e)
+        log.warning("the fused C operator apply is unavailable (%s): using the slower convolution "
+                    "form; install gcc (apt-get install gcc libc6-dev) or set HOMOG_NATIVE=0", _error)
     return _lib
 
 

@@ -1,5 +1,6 @@
 """The single-process solver against its oracles (issue 2)."""
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -488,3 +489,25 @@ def test_load_cases_in_groups_give_the_same_chom(groups, rng):
     assert rel(res.C, ref.C) <= 1e-9
     assert res.iterations == ref.iterations
     assert len(res.residuals) == 6 and res.converged
+
+
+def test_native_build_falls_back_to_a_temp_dir_and_reports_a_missing_compiler(tmp_path, monkeypatch):
+    """The kernel library builds into HOMOG_CACHE, or a per-user temp dir where that is
+    not writable; without a compiler the operator says why and keeps the convolution
+    form (a warning, not a silent slow-down)."""
+    from solver import native
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    monkeypatch.setenv("HOMOG_CACHE", str(ro / "cache"))
+    if os.access(ro, os.W_OK):          # root ignores the mode bits: a file in the way instead
+        (ro / "cache").write_text("not a directory")
+    lib = native._build()
+    assert lib.exists() and lib.parent != ro / "cache"
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_error", None)
+    monkeypatch.setenv("HOMOG_CACHE", str(tmp_path / "fresh"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert native.library() is None and "no-such-cc" in native.error()
+    op = ElasticityOperator.from_phases(np.zeros((3, 3, 3), dtype=int), [1.0], [0.3], (1, 1, 1))
+    assert op.apply_form() == "scatter"
