@@ -40,8 +40,8 @@ typedef struct {
  * into component-major node-row sums with unaligned vector adds, which are then
  * added into the output rows. Voxels past the row's end (spare lanes and blocks)
  * read zero u and zero mu and add only to nodes that are not kept. On the project's
- * 2-core EPYC VM: ~35 Mvoxel-cases/s on one thread, ~2x the first version of this
- * kernel (one voxel at a time, SIMD over the 24 rows). */
+ * 2-core EPYC VM: ~35 Mvoxel-cases/s on one thread (the kernel alone, 128^3, six
+ * cases), ~1.4x the first version (one voxel at a time, SIMD over the 24 rows). */
 static void *CAT(work_, SUF)(void *arg)
 {
     const CAT(job_, SUF) *J = (const CAT(job_, SUF) *)arg;
