@@ -200,6 +200,8 @@ class ElasticityOperator:
         the fused C kernel (``_apply_native``); otherwise ``_apply_gather``, or on CPU in
         float64 ``_apply_scatter`` (PyTorch's reference float64 Conv3d, without oneDNN,
         is ~3x slower with 18 inputs than the transposed convolution)."""
+        if torch.is_grad_enabled() and u.requires_grad and self._symmetric_grad_ok():
+            return _SymmetricApply.apply(u, self)
         if self._native_ok(u):
             return self._apply_native(u)
         if self.dtype == torch.float64 and self.device.type == "cpu":
@@ -207,6 +209,13 @@ class ElasticityOperator:
         return self._apply_gather(u)
 
     __call__ = apply
+
+    def _symmetric_grad_ok(self) -> bool:
+        """Autograd through K u may use K's symmetry (``_SymmetricApply``): the operator's
+        own tensors need no gradient and the cell is whole on this rank (a backward
+        apply on a split domain would exchange ghosts in autograd's order)."""
+        own = (self.lam, self.mu, self.weight)
+        return getattr(self.domain, "size", 1) == 1 and not any(t.requires_grad for t in own)
 
     def residual_(self, b: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """b <- b - K u in place; returns b. The gather form subtracts slab by slab, so
@@ -630,3 +639,22 @@ class EnergyCH:
         Mt = M.T
         M = torch.where(k & k.T, 0.5 * (M + Mt), torch.where(k, M, Mt))
         return op.mean_stiffness() - M / op.volume
+
+
+class _SymmetricApply(torch.autograd.Function):
+    """y = K u for autograd (the CGINS embedded PCG and energy loss): K is symmetric,
+    so the vector-Jacobian product of u -> K u is K g. Forward and backward are each
+    one apply by the fastest form (the fused C kernel on CPU), nothing is saved for
+    backward, and the convolution chain's own backward is not recorded. Gradients
+    with respect to the operator (lambda, mu) are not supported here: ``apply``
+    records the convolution chain when the operator's tensors need them."""
+
+    @staticmethod
+    def forward(ctx, u, op):
+        ctx.op = op
+        return op.apply(u)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return ctx.op.apply(g.contiguous(memory_format=torch.channels_last_3d)), None

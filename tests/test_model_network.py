@@ -77,6 +77,42 @@ def test_embedded_pcg_gradcheck():
     assert torch.autograd.gradcheck(lambda x: (embedded_pcg(op, f, x, 2) * w).sum(), (x0,))
 
 
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-12), (torch.float32, 2e-5)])
+def test_symmetric_apply_gradient_equals_the_convolution_chain(dtype, tol, monkeypatch):
+    """Autograd through K u uses K's symmetry (one apply forward, one backward, the
+    fused kernel where it serves); the gradient of energy-after-PCG must equal the one
+    autograd records through the convolution chain."""
+    op = ElasticityOperator.from_phases(gyroid_phases(8), [0.0, 1.0], [0.3, 0.3], (1 / 8,) * 3, dtype=dtype)
+    u0 = 1e-2 * torch.randn(6, 3, 8, 8, 8, dtype=dtype, generator=torch.Generator().manual_seed(3))
+
+    def grad():
+        u = u0.clone().requires_grad_(True)
+        e = potential_energy(op, embedded_pcg(op, op.rhs(), u, 4)).sum()
+        e.backward()
+        return float(e.detach()), u.grad
+
+    e1, g1 = grad()
+    with torch.enable_grad():
+        node = op.apply(u0.clone().requires_grad_(True)).grad_fn
+    assert type(node).__name__ == "_SymmetricApplyBackward"
+    monkeypatch.setattr(ElasticityOperator, "_symmetric_grad_ok", lambda self: False)
+    with torch.enable_grad():
+        assert type(op.apply(u0.clone().requires_grad_(True)).grad_fn).__name__ != "_SymmetricApplyBackward"
+    e2, g2 = grad()
+    assert abs(e1 - e2) <= tol * abs(e2)
+    assert float((g1 - g2).norm() / g2.norm()) < tol
+
+
+def test_apply_records_the_convolution_chain_when_the_material_needs_a_gradient():
+    op = make_op(gyroid_phases(4, level=0.9))
+    assert op._symmetric_grad_ok()
+    op.mu.requires_grad_(True)
+    assert not op._symmetric_grad_ok()
+    u = 1e-2 * torch.randn(1, 3, 4, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(4))
+    (op.apply(u.requires_grad_(True)) * u.detach()).sum().backward()
+    assert op.mu.grad is not None and float(op.mu.grad.abs().max()) > 0
+
+
 # -- loss --------------------------------------------------------------------------
 def test_energy_equals_solver_operator_energy_and_gradient():
     op = make_op(gyroid_phases(8))
