@@ -32,7 +32,9 @@ temporary beyond a ghosted window of u. It subtracts a node value of the voxel f
 u_e first (K0 annihilates translations): without that, the rounding of the large
 translation part leaves white noise in K u that the multigrid preconditioner
 amplifies, and float32 PCG stalled near a relative residual of 1e-5 at 128^3. The
-convolution forms remain for CUDA, two Poisson ratios and autograd.
+convolution forms remain for CUDA and two Poisson ratios. Autograd through K u (the
+CGINS embedded PCG and loss) records one node, ``_SymmetricApply``, whose backward is
+one more apply (K is symmetric), so training uses the same kernels.
 """
 from __future__ import annotations
 
