@@ -230,8 +230,7 @@ def run(args) -> tuple:
                      device.type, tc.batch_size, tc.batch_size // world, tc.steps, os.path.dirname(tc.checkpoint))
             os.makedirs(os.path.dirname(tc.checkpoint) or ".", exist_ok=True)
             _write_yaml_atomic(os.path.join(os.path.dirname(tc.checkpoint) or ".", "config.yaml"), {
-                "model": mc.to_dict(), "loss": {"level_weights": list(lc.level_weights),
-                                                "mean_penalty": float(lc.mean_penalty)},
+                "model": mc.to_dict(), "loss": lc.to_dict(),
                 "train": dataclasses.asdict(tc), **rest,
                 "launch": {"world": world, "device": device.type, "cells": what}})
         np.random.seed(tc.seed)

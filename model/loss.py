@@ -21,6 +21,16 @@ for the tests). The network output handed to the loss on level l is already P^l 
                              + gamma sum_{i,c} (mean u_l^{i,c} / L)^2 ]
 
 with the fine level (l = 0) taken after the embedded PCG steps, L the cell length.
+
+``normalize: relative`` divides each cell's energy terms by a label-free estimate of
+its stiffness, s = sum_i C~_ii with C~_ii = <C>_ii + 2 Pi(u_0^i) / |Omega| (the energy
+form evaluated at the fine output; C~_ii >= C^H_ii > 0 because Pi(u) >= Pi(chi)),
+detached from the graph. The energy error of case i is |Omega| (C~_ii - C^H_ii) / 2,
+so the normalized loss weighs every cell by its *relative* C^H error, the quantity
+the evaluation reports (delta), instead of its absolute one: without it a stiff cell
+(volume fraction 0.4) outweighs a compliant one (0.1) by its stiffness ratio, often
+10-100x. The gradient is that of the plain loss scaled per cell by 1/s; the loss is
+invariant to a uniform scaling of the cell's Young's modulus.
 """
 from __future__ import annotations
 
@@ -50,10 +60,31 @@ def galerkin_energy(op, v: torch.Tensor, level: int, f: Optional[torch.Tensor] =
     return 0.5 * dot(v, Kv) - dot(v, fl)
 
 
+NORMALIZE = ("none", "relative")
+
+
+def stiffness_scale(op, e0: torch.Tensor) -> torch.Tensor:
+    """s = sum_i (<C>_ii + 2 Pi_i / |Omega|) for the per-case fine energies ``e0`` (B,)
+    of the six load cases (float64, detached; the ``relative`` normalization)."""
+    diag = torch.diagonal(op.mean_stiffness())[: e0.shape[0]]
+    s = (diag + 2.0 * e0.detach() / op.volume).sum()
+    # in exact arithmetic s >= trace C^H > 0; keep it positive under round-off
+    return torch.clamp(s, min=1e-12 * float(diag.sum()))
+
+
 @dataclasses.dataclass
 class LossConfig:
     level_weights: Sequence[float] = (1.0, 0.5, 0.25)   # w_0 (fine, after PCG), w_1, w_2
     mean_penalty: float = 1.0                           # gamma
+    normalize: str = "none"                             # none | relative (see the module text)
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"loss.normalize must be one of {list(NORMALIZE)}, got {self.normalize!r}")
+
+    def to_dict(self) -> dict:
+        return {"level_weights": [float(w) for w in self.level_weights],
+                "mean_penalty": float(self.mean_penalty), "normalize": self.normalize}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LossConfig":
@@ -73,14 +104,22 @@ def cgins_loss(ops: Sequence, out, cfg: Optional[LossConfig] = None):
     total = 0.0
     parts = {f"energy_{l}": 0.0 for l in range(len(fields))}
     parts["mean_penalty"] = 0.0
+    if cfg.normalize == "relative":
+        parts["scale"] = 0.0
     for b, op in enumerate(ops):
         f = op.rhs()
         L = max(h * n for h, n in zip(op.h, op.domain.global_shape))
+        scale = None
         for l, U in enumerate(fields):
-            e = potential_energy(op, U[b], f).sum() / op.volume
+            ec = potential_energy(op, U[b], f)
+            e = ec.sum() / op.volume
             m = op.domain.sum(torch.sum(U[b], dim=(-3, -2, -1), dtype=torch.float64)) / op.domain.n_global
             pen = (m / L).pow(2).sum()
-            total = total + cfg.level_weights[l] * e + cfg.mean_penalty * pen
+            if cfg.normalize == "relative" and scale is None:     # l = 0: the fine output
+                scale = stiffness_scale(op, ec)
+                parts["scale"] += float(scale) / len(ops)
+            w = cfg.level_weights[l] * (e / scale if scale is not None else e)
+            total = total + w + cfg.mean_penalty * pen
             parts[f"energy_{l}"] += float(e.detach()) / len(ops)
             parts["mean_penalty"] += float(pen.detach()) / len(ops)
     loss = total / len(ops)

@@ -262,8 +262,7 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
             save_checkpoint(cfg.checkpoint, {
                 "model": core.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(cfg),
-                "loss_config": {"level_weights": list(loss_cfg.level_weights),
-                                "mean_penalty": float(loss_cfg.mean_penalty)},
+                "loss_config": loss_cfg.to_dict(),
                 "log": rows, **({"init_from": init} if init else {})})
             _write_log(log_file, rows)
     return row

@@ -4,6 +4,8 @@ Oracles: solver.pcg.pcg (same start, t iterations, rtol 0), the solver's operato
 (energy 1/2 u.Ku - u.f), finite differences / gradcheck in float64, the adjoint
 identity R = P^T, and periodic-shift equivariance (roll in, roll out).
 """
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -156,6 +158,68 @@ def test_loss_composition_matches_explicit_energy():
             e = 0.5 * (U.detach() * Ku).sum() - (U.detach() * op.rhs()).sum()
             ref += w * float(e) / op.volume + 2.0 * float(((U.detach().mean(dim=(-3, -2, -1))) ** 2).sum())
     assert abs(float(loss.detach()) - ref / 2) < 1e-12 * abs(ref)
+
+
+def _fields(ops, seed=0, scale=1e-2):
+    """A CGINSOutput-like pair (u, levels) of fixed fields for the loss."""
+    g = torch.Generator().manual_seed(seed)
+    n = ops[0].domain.global_shape
+    u = scale * torch.randn(len(ops), 6, 3, *n, dtype=F64, generator=g)
+    lv = scale * torch.randn(len(ops), 6, 3, *n, dtype=F64, generator=g)
+    return types.SimpleNamespace(u=u, levels=[lv])
+
+
+def test_relative_loss_divides_each_cell_by_its_energy_form_stiffness_trace():
+    """normalize=relative: each cell's energies over s = trace of the energy-form C^H
+    of its fine output (EnergyCH via op.chom, an independent code path); s is the
+    solver's trace C^H at the solution and an upper bound of it elsewhere."""
+    ops = [make_op(gyroid_phases(8, s), nu=nu) for s, nu in ((0.0, 0.3), (1.0, 0.2))]
+    out = _fields(ops)
+    cfg = LossConfig(level_weights=(1.0, 0.3), mean_penalty=0.0, normalize="relative")
+    loss, parts = cgins_loss(ops, out, cfg)
+    ref = 0.0
+    for b, op in enumerate(ops):
+        s = float(torch.trace(op.chom(out.u[b])))
+        e = [float(potential_energy(op, U[b]).sum()) / op.volume for U in (out.u, out.levels[0])]
+        ref += (e[0] + 0.3 * e[1]) / s
+    assert abs(float(loss) - ref / 2) < 1e-10 * abs(ref)
+    # at the solution s is trace C^H; any other field gives more
+    op = ops[0]
+    x, info = pcg(op, op.rhs(), rtol=1e-12, maxiter=2000)
+    CH = float(torch.trace(op.chom(x)))
+    from model.loss import stiffness_scale
+    assert abs(float(stiffness_scale(op, potential_energy(op, x))) - CH) < 1e-9 * CH
+    assert float(stiffness_scale(op, potential_energy(op, out.u[0]))) > CH
+
+
+def test_relative_loss_is_invariant_to_the_modulus_and_its_gradient_is_the_plain_one_scaled():
+    phases = gyroid_phases(8)
+    h = (1.0 / 8,) * 3
+    op1 = ElasticityOperator.from_phases(phases, [0.0, 1.0], [0.3, 0.3], h)
+    op7 = ElasticityOperator.from_phases(phases, [0.0, 7.0], [0.3, 0.3], h)
+    out = _fields([op1])
+    rel = LossConfig(level_weights=(1.0, 0.5), mean_penalty=0.0, normalize="relative")
+    plain = LossConfig(level_weights=(1.0, 0.5), mean_penalty=0.0)
+    l1, _ = cgins_loss([op1], out, rel)
+    l7, _ = cgins_loss([op7], out, rel)
+    assert abs(float(l1) - float(l7)) < 1e-12 * abs(float(l1))
+    # the plain loss scales with E; the relative one does not
+    assert abs(float(cgins_loss([op7], out, plain)[0]) - 7 * float(cgins_loss([op1], out, plain)[0])) \
+        < 1e-12 * abs(7 * float(l1))
+    # d(relative)/du = d(plain)/du / s (s detached)
+    u = out.u.clone().requires_grad_(True)
+    o = types.SimpleNamespace(u=u, levels=out.levels)
+    gr, = torch.autograd.grad(cgins_loss([op1], o, rel)[0], u)
+    gp, = torch.autograd.grad(cgins_loss([op1], o, plain)[0], u)
+    from model.loss import stiffness_scale
+    s = float(stiffness_scale(op1, potential_energy(op1, out.u[0])))
+    assert float((gr - gp / s).abs().max()) < 1e-12 * float(gp.abs().max() / s)
+
+
+def test_loss_config_rejects_an_unknown_normalization():
+    with pytest.raises(ValueError, match="normalize"):
+        LossConfig(normalize="per-voxel")
+    assert LossConfig.from_dict({"normalize": "relative"}).to_dict()["normalize"] == "relative"
 
 
 def test_loss_gradient_wrt_network_parameters_matches_finite_differences():
