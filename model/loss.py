@@ -28,8 +28,9 @@ form evaluated at the fine output; C~_ii >= C^H_ii > 0 because Pi(u) >= Pi(chi))
 detached from the graph. The energy error of case i is |Omega| (C~_ii - C^H_ii) / 2,
 so the normalized loss weighs every cell by its *relative* C^H error, the quantity
 the evaluation reports (delta), instead of its absolute one: without it a stiff cell
-(volume fraction 0.4) outweighs a compliant one (0.1) by its stiffness ratio, often
-10-100x. The gradient is that of the plain loss scaled per cell by 1/s; the loss is
+(volume fraction 0.4) outweighs a compliant one (0.1) by its stiffness ratio (trace
+C^H spans 43x over the 600 held-out cells of data/heldout32, 8x from the 5th to the
+95th percentile). The gradient is that of the plain loss scaled per cell by 1/s; the loss is
 invariant to a uniform scaling of the cell's Young's modulus.
 """
 from __future__ import annotations
