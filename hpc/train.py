@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="overrides train.seed")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start a fresh run from this checkpoint's weights (fine-tuning; overrides "
-                        "train.init_from); its model config must match up to t and use_pcg")
+                        "train.init_from); its model config must match up to t and use_pcg; channels may widen")
     p.add_argument("--batch-size", type=int, help="global batch (overrides train.batch_size)")
     p.add_argument("--checkpoint-every", type=int, help="overrides train.checkpoint_every")
     p.add_argument("--data", help="directory or glob of data-set shards (overrides data.train)")

@@ -247,3 +247,61 @@ def _first_active(grid: SparseGrid, B: int) -> List[int]:
     big = torch.full((B,), torch.iinfo(torch.long).max, dtype=torch.long, device=grid.device)
     first = big.scatter_reduce(0, grid.batch, grid.keys, reduce="amin")
     return (first - torch.arange(B, device=grid.device) * nvox).tolist()
+
+
+def _channel_map(old: Sequence[int], new: Sequence[int]) -> torch.Tensor:
+    """Index in the widened layout of each channel of the old one, for a feature vector
+    made of blocks (the old block sizes ``old``, their new sizes ``new``): old channel
+    j of block b goes to the same position j of block b (new channels at each block's end)."""
+    idx, start = [], 0
+    for o, n in zip(old, new):
+        idx.extend(range(start, start + o))
+        start += n
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def widen_state_dict(old_sd: dict, old_cfg: CGINSConfig, new: CGINS) -> dict:
+    """The weights of ``new`` (same config as ``old_cfg`` except wider channels, same
+    depth) that compute exactly the function of the old network (Net2Net-style widening
+    with zero fan-out): every old weight is copied to its place; the weights INTO the new
+    channels keep ``new``'s random initialisation, the weights OUT of them into old
+    channels are zero. The new channels then change nothing until training moves their
+    fan-out, which gets a non-zero gradient at the first step.
+
+    Raises ValueError if ``new`` is not a widening of ``old_cfg``."""
+    oc, nc = tuple(old_cfg.channels), tuple(new.cfg.channels)
+    if len(oc) != len(nc) or any(n < o for o, n in zip(oc, nc)):
+        raise ValueError(f"channels {list(nc)} do not widen {list(oc)} (same depth, each level at least as wide)")
+    cin = new.in_channels
+    extra = cin if new.cfg.input_pyramid else 0
+    # (input blocks old / new, output blocks old / new) per layer
+    blocks = {"enc.0": ((cin,), (cin,), oc[0], nc[0]), "enc.1": ((oc[0],), (nc[0],), oc[0], nc[0]),
+              "dec.0": ((oc[0],), (nc[0],), oc[0], nc[0]), "dec.1": ((oc[0],), (nc[0],), N_OUT, N_OUT)}
+    for d in range(1, len(oc)):
+        blocks[f"down.{d - 1}"] = ((oc[d - 1],), (nc[d - 1],), oc[d], nc[d])
+        blocks[f"down_block.{d - 1}"] = ((oc[d], extra), (nc[d], extra), oc[d], nc[d])
+        blocks[f"up.{d - 1}"] = ((oc[d],), (nc[d],), oc[d - 1], nc[d - 1])
+        blocks[f"fuse.{d - 1}"] = ((oc[d - 1],) * 2, (nc[d - 1],) * 2, oc[d - 1], nc[d - 1])
+    for l in range(1, new.cfg.levels):
+        blocks[f"heads.{l - 1}"] = ((oc[l],), (nc[l],), N_OUT, N_OUT)
+    sd = {k: v.detach().clone() for k, v in new.state_dict().items()}
+    done = set()
+    for name, (bi_o, bi_n, co_o, co_n) in blocks.items():
+        w_old, w = old_sd[name + ".weight"], sd[name + ".weight"]
+        imap = _channel_map(bi_o, bi_n)
+        if w_old.shape != (w.shape[0], len(imap), co_o):
+            raise ValueError(f"{name}.weight: shape {tuple(w_old.shape)} does not match the old config")
+        new_in = torch.ones(w.shape[1], dtype=torch.bool)
+        new_in[imap] = False
+        w[:, new_in, :co_o] = 0                       # new channels -> old outputs: zero
+        w[:, imap, :co_o] = w_old.to(w.dtype)         # old -> old: copied
+        if name + ".bias" in old_sd:
+            sd[name + ".bias"][:co_o] = old_sd[name + ".bias"].to(w.dtype)
+            done.add(name + ".bias")
+        done.add(name + ".weight")
+    rest = set(old_sd) - done
+    for k in rest:                                     # buffers (Fourier matrix)
+        if sd[k].shape != old_sd[k].shape:
+            raise ValueError(f"{k}: shape {tuple(old_sd[k].shape)} does not match the old config")
+        sd[k] = old_sd[k].to(sd[k].dtype).clone()
+    return sd

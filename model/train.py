@@ -33,7 +33,7 @@ import torch
 from solver.operator import ElasticityOperator
 
 from .loss import LossConfig, cgins_loss
-from .network import CGINS, CGINSConfig
+from .network import CGINS, CGINSConfig, widen_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ WEIGHTLESS_KEYS = ("t", "use_pcg")
 
 def init_checkpoint(path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
     """The checkpoint ``path`` that initialises a fresh run (train.init_from), checked:
-    a CGINS checkpoint whose model config equals ``model_cfg`` up to WEIGHTLESS_KEYS.
+    a CGINS checkpoint whose model config equals ``model_cfg`` up to WEIGHTLESS_KEYS,
+    or up to those and wider ``channels`` (same depth, each level at least as wide: the
+    run starts from the function-preserving widening, network.widen_state_dict).
     ValueError with a one-line reason otherwise."""
     if not os.path.isfile(path):
         raise ValueError(f"train.init_from {path}: no such checkpoint file")
@@ -129,11 +131,18 @@ def init_checkpoint(path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
     ours = model_cfg.to_dict()
     diff = sorted(k for k in set(theirs) | set(ours)
                   if k not in WEIGHTLESS_KEYS and theirs.get(k) != ours.get(k))
+    if diff == ["channels"] and _widens(theirs["channels"], ours["channels"]):
+        diff = []
     if diff:
         raise ValueError(f"train.init_from {path}: its model config differs in "
                          + ", ".join(f"{k} ({theirs.get(k)!r} there, {ours.get(k)!r} here)" for k in diff)
-                         + f"; only {', '.join(WEIGHTLESS_KEYS)} may differ")
+                         + f"; only {', '.join(WEIGHTLESS_KEYS)} may differ, and channels may widen "
+                         "(same depth, each level at least as wide)")
     return ck
+
+
+def _widens(old, new) -> bool:
+    return len(old) == len(new) and all(int(n) >= int(o) for o, n in zip(old, new))
 
 
 def init_weights_from(core: CGINS, path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
@@ -141,10 +150,17 @@ def init_weights_from(core: CGINS, path: str, model_cfg: CGINSConfig, device="cp
     them; see init_checkpoint). Returns what the new checkpoint records of its start:
     path, sha256 of the file, step."""
     ck = init_checkpoint(path, model_cfg, device)
-    core.load_state_dict(ck["model"])
+    theirs = list(ck["model_config"]["channels"])
+    info = {}
+    if theirs != list(core.cfg.channels):
+        old_cfg = CGINSConfig.from_dict(dict(ck["model_config"]))
+        core.load_state_dict(widen_state_dict(ck["model"], old_cfg, core))
+        info["widened_from"] = theirs
+    else:
+        core.load_state_dict(ck["model"])
     with open(path, "rb") as fh:
         sha = hashlib.sha256(fh.read()).hexdigest()
-    return {"path": path, "sha256": sha, "step": int(ck.get("step", 0))}
+    return {"path": path, "sha256": sha, "step": int(ck.get("step", 0)), **info}
 
 
 def build_model(model_cfg: CGINSConfig, train_cfg: TrainConfig) -> CGINS:
@@ -220,8 +236,9 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
         init = ck.get("init_from")
     elif cfg.init_from:
         init = init_weights_from(core, cfg.init_from, model_cfg, cfg.device)
-        log.info("fresh run from the weights of %s (step %d, sha256 %s)", init["path"], init["step"],
-                 init["sha256"][:12])
+        log.info("fresh run from the weights of %s (step %d, sha256 %s)%s", init["path"], init["step"],
+                 init["sha256"][:12], " widened from channels %s to %s" % (
+                     init["widened_from"], list(model_cfg.channels)) if "widened_from" in init else "")
     else:
         init = None
     if world > 1:

@@ -248,6 +248,32 @@ def test_loss_gradient_wrt_network_parameters_matches_finite_differences():
 
 
 # -- network properties ------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(levels=2), dict(levels=3, input_pyramid=False),
+                                dict(levels=1, mean_constraint=False)])
+def test_widening_preserves_the_function_and_trains_the_new_channels(kw):
+    """widen_state_dict (train.init_from into wider channels): the wider network
+    computes the narrow one's output (network prediction, every level, after the PCG)
+    to rounding, and the new channels' fan-out gets a non-zero gradient at once."""
+    from model.network import widen_state_dict
+    narrow = make_net(seed=0, **kw)
+    wide = make_net(seed=1, **{**kw, "channels": (6, 9, 13)})
+    wide.load_state_dict(widen_state_dict(narrow.state_dict(), narrow.cfg, wide))
+    op = make_op(gyroid_phases(8))
+    a, b = narrow([op]), wide([op])
+    scale = float(a.u_net.abs().max())
+    assert scale > 0
+    for x, y in [(a.u, b.u), (a.u_net, b.u_net)] + list(zip(a.levels, b.levels)):
+        assert float((x - y).abs().max()) <= 1e-10 * max(scale, float(x.abs().max()))
+    energy = potential_energy(op, b.u_net[0]).sum()
+    energy.backward()
+    g = wide.dec[0].weight.grad                         # (offset, in, out)
+    assert float(g[:, 4:, :4].abs().max()) > 0          # new channels 4, 5 -> old outputs
+    g = wide.up[0].weight.grad
+    assert float(g[:, 6:, :4].abs().max()) > 0          # level-1 new channels -> old outputs
+    with pytest.raises(ValueError, match="do not widen"):
+        widen_state_dict(wide.state_dict(), wide.cfg, narrow)
+
+
 @pytest.mark.parametrize("kw", [dict(levels=1, t=0, use_pcg=False), dict(levels=2, t=3),
                                 dict(levels=3, t=2, soft_voxels=False),
                                 dict(levels=3, t=1, periodic=False, fourier_mode="random",

@@ -199,8 +199,17 @@ def test_init_from_fine_tunes_a_checkpoint_with_another_t(tmp_path):
                                "--steps", "2"]) == 0
         ft2 = load_checkpoint(str(tmp_path / "ft" / "cgins_tiny.pt"))
         assert ft2["step"] == 2 and ft2["init_from"] == ft["init_from"]
-        # another architecture, a missing file, a non-checkpoint: one-line config errors
-        d2 = dict(d, model=dict(d["model"], channels=[6, 8]))
+        # wider channels: a fresh run from the function-preserving widening
+        dw = dict(d, model=dict(d["model"], channels=[6, 11]))
+        cfg_w = tmp_path / "tiny_w.yaml"
+        cfg_w.write_text(yaml.safe_dump(dw))
+        assert hpc_train.main([str(cfg_w), "--out", str(tmp_path / "wide"), "--init-from", base_path,
+                               "--steps", "1"]) == 0
+        wide = load_checkpoint(str(tmp_path / "wide" / "cgins_tiny.pt"))
+        assert wide["init_from"]["widened_from"] == list(base["model_config"]["channels"])
+        assert wide["model_config"]["channels"] == [6, 11]
+        # another architecture (narrower), a missing file, a non-checkpoint: one-line config errors
+        d2 = dict(d, model=dict(d["model"], channels=[4, 6]))
         cfg_c = tmp_path / "tiny_c.yaml"
         cfg_c.write_text(yaml.safe_dump(d2))
         junk = tmp_path / "junk.pt"
