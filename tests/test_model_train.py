@@ -3,6 +3,7 @@ uninterrupted run; checkpoints are atomic and load with weights_only=True."""
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from microstructures.cell import Cell
@@ -109,22 +110,24 @@ def test_shipped_fine_tuned_model_records_the_shipped_default():
     assert load_model(ft).cfg.t == 10
 
 
-def test_shipped_widened_model_records_its_narrow_start():
-    """models/cgins_wide16_t10 started from the function-preserving widening of
-    models/cgins_t10 (train.init_from into wider channels): its checkpoint names that
+@pytest.mark.parametrize("name,channels", [("cgins_wide16_t10", (16, 32, 64)),
+                                           ("cgins_wide32_t10", (32, 64, 128))])
+def test_shipped_widened_model_records_its_narrow_start(name, channels):
+    """models/cgins_wide*_t10 started from the function-preserving widening of
+    models/cgins_t10 (train.init_from into wider channels): each checkpoint names that
     file with its sha256 and the channels it widened, and the two model configs differ
     only in the channels. Fails when one is replaced without the other (then re-run
-    configs/cgins_wide16_t10.yaml)."""
+    configs/<name>.yaml)."""
     import hashlib
 
     from model.train import WEIGHTLESS_KEYS, load_model
     root = os.path.join(os.path.dirname(__file__), "..")
     base = os.path.join(root, "models", "cgins_t10", "cgins_t10.pt")
-    wide = os.path.join(root, "models", "cgins_wide16_t10", "cgins_wide16_t10.pt")
+    wide = os.path.join(root, "models", name, name + ".pt")
     ck_b, ck_w = load_checkpoint(base), load_checkpoint(wide)
     with open(base, "rb") as fh:
         assert ck_w["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
     assert ck_w["init_from"]["widened_from"] == list(ck_b["model_config"]["channels"]) == [8, 16, 32]
     diff = {k for k in ck_b["model_config"] if ck_b["model_config"][k] != ck_w["model_config"][k]}
     assert diff - set(WEIGHTLESS_KEYS) == {"channels"}
-    assert load_model(wide).cfg.channels == (16, 32, 64) and ck_w["model_config"]["t"] == 10
+    assert load_model(wide).cfg.channels == channels and ck_w["model_config"]["t"] == 10
