@@ -249,6 +249,11 @@ def _first_active(grid: SparseGrid, B: int) -> List[int]:
     return (first - torch.arange(B, device=grid.device) * nvox).tolist()
 
 
+def widens(old: Sequence[int], new: Sequence[int]) -> bool:
+    """True if the channels ``new`` widen ``old``: same depth, each level at least as wide."""
+    return len(old) == len(new) and all(int(n) >= int(o) for o, n in zip(old, new))
+
+
 def _channel_map(old: Sequence[int], new: Sequence[int]) -> torch.Tensor:
     """Index in the widened layout of each channel of the old one, for a feature vector
     made of blocks (the old block sizes ``old``, their new sizes ``new``): old channel
@@ -270,7 +275,7 @@ def widen_state_dict(old_sd: dict, old_cfg: CGINSConfig, new: CGINS) -> dict:
 
     Raises ValueError if ``new`` is not a widening of ``old_cfg``."""
     oc, nc = tuple(old_cfg.channels), tuple(new.cfg.channels)
-    if len(oc) != len(nc) or any(n < o for o, n in zip(oc, nc)):
+    if not widens(oc, nc):
         raise ValueError(f"channels {list(nc)} do not widen {list(oc)} (same depth, each level at least as wide)")
     cin = new.in_channels
     extra = cin if new.cfg.input_pyramid else 0

@@ -33,7 +33,7 @@ import torch
 from solver.operator import ElasticityOperator
 
 from .loss import LossConfig, cgins_loss
-from .network import CGINS, CGINSConfig, widen_state_dict
+from .network import CGINS, CGINSConfig, widen_state_dict, widens
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def init_checkpoint(path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
     ours = model_cfg.to_dict()
     diff = sorted(k for k in set(theirs) | set(ours)
                   if k not in WEIGHTLESS_KEYS and theirs.get(k) != ours.get(k))
-    if diff == ["channels"] and _widens(theirs["channels"], ours["channels"]):
+    if diff == ["channels"] and widens(theirs["channels"], ours["channels"]):
         diff = []
     if diff:
         raise ValueError(f"train.init_from {path}: its model config differs in "
@@ -140,9 +140,6 @@ def init_checkpoint(path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
                          "(same depth, each level at least as wide)")
     return ck
 
-
-def _widens(old, new) -> bool:
-    return len(old) == len(new) and all(int(n) >= int(o) for o, n in zip(old, new))
 
 
 def init_weights_from(core: CGINS, path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
