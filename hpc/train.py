@@ -34,7 +34,11 @@ A run resumes from <out>'s checkpoint unless ``--no-resume``. ``--init-from CK``
 train.init_from) starts a fresh run (step 0, a new optimizer and schedule) from the
 weights of checkpoint CK, to fine-tune a trained model (on your own family of cells,
 or with more embedded PCG steps: the model configs may differ only in t and use_pcg);
-the new checkpoint records CK's path, sha256 and step. CPU runs are
+the new checkpoint records CK's path, sha256 and step. CK may also be narrower
+(the same depth, each level at most as wide): the run then starts from the
+function-preserving widening of its network (model.network.widen_state_dict). A trained
+checkpoint ships as ``python -m hpc.export_model RUN.pt OUT.pt`` (weights only); an
+exported file starts runs (--init-from) but cannot be resumed. CPU runs are
 reproducible from ``train.seed`` (same thread count); CUDA runs are not bitwise
 (index_add_ in the sparse convolution's scatter uses atomics on CUDA). With in-memory
 generation every rank draws the same cells from the seed (cheap at small n; use
@@ -203,6 +207,16 @@ def configure(args):
             init_checkpoint(tc.init_from, mc)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if getattr(args, "resume", True) and os.path.exists(tc.checkpoint):
+        from model.train import check_resumable, load_checkpoint
+        try:
+            check_resumable(load_checkpoint(tc.checkpoint), tc.checkpoint, mc)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        except Exception as e:  # an unreadable or foreign file
+            raise ConfigError(f"checkpoint {tc.checkpoint} cannot be resumed ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]}); start elsewhere (--out) or "
+                              "afresh (--no-resume)") from None
     if len(lc.level_weights) < mc.levels:
         raise ConfigError(f"loss.level_weights needs {mc.levels} entries, has {list(lc.level_weights)}")
     return mc, lc, tc, rest

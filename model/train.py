@@ -107,6 +107,47 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def _sha256(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def check_resumable(ck: dict, path: str, model_cfg: CGINSConfig):
+    """ValueError (one line) unless checkpoint ``ck`` (read from ``path``) can continue a
+    run of ``model_cfg``: the same model config, and an optimizer state (an exported,
+    weights-only checkpoint cannot be resumed, only fine-tuned from)."""
+    if ck.get("model_config") != model_cfg.to_dict():
+        diff = sorted(k for k in set(ck.get("model_config") or {}) | set(model_cfg.to_dict())
+                      if (ck.get("model_config") or {}).get(k) != model_cfg.to_dict().get(k))
+        raise ValueError(f"checkpoint {path} has another model config (differs in {', '.join(diff)}): "
+                         "resume it with its own config, or start elsewhere (--out) or afresh (--no-resume)")
+    if "optimizer" not in ck:
+        raise ValueError(f"checkpoint {path} holds weights only (exported): it cannot be resumed; "
+                         f"start a new run from it with --init-from {path}")
+
+
+def export_weights(src: str, dst: str) -> dict:
+    """Write checkpoint ``src`` without its optimizer state to ``dst`` (atomically): what a
+    trained model ships as (about 1/3 of the size with AdamW). Everything else is kept
+    (model, configs, step, loss log, init_from); ``exported_from`` records the sha256
+    of ``src``. The result loads with load_model and starts runs (train.init_from), but
+    does not resume. Returns ``exported_from``."""
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise ValueError(f"{dst}: the export must not overwrite its source")
+    try:
+        ck = load_checkpoint(src)
+        if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+            raise KeyError("model")
+    except Exception as exc:  # OSError, UnpicklingError, RuntimeError, KeyError ...
+        msg = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{src}: not a CGINS checkpoint ({type(exc).__name__}: {msg})") from None
+    out = {k: v for k, v in ck.items() if k != "optimizer"}
+    out["exported_from"] = {"sha256": _sha256(src), "step": int(ck.get("step", 0)),
+                            "dropped": ["optimizer"] if "optimizer" in ck else []}
+    save_checkpoint(dst, out)
+    return out["exported_from"]
+
+
 # model-config keys that change no weight: a checkpoint trained with other values of
 # these can initialise a run (fine-tuning with more embedded PCG steps, say)
 WEIGHTLESS_KEYS = ("t", "use_pcg")
@@ -155,9 +196,7 @@ def init_weights_from(core: CGINS, path: str, model_cfg: CGINSConfig, device="cp
         info["widened_from"] = theirs
     else:
         core.load_state_dict(ck["model"])
-    with open(path, "rb") as fh:
-        sha = hashlib.sha256(fh.read()).hexdigest()
-    return {"path": path, "sha256": sha, "step": int(ck.get("step", 0)), **info}
+    return {"path": path, "sha256": _sha256(path), "step": int(ck.get("step", 0)), **info}
 
 
 def build_model(model_cfg: CGINSConfig, train_cfg: TrainConfig) -> CGINS:
@@ -224,8 +263,7 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
     log_file = cfg.log_file or os.path.splitext(cfg.checkpoint)[0] + ".csv"
     if resume and os.path.exists(cfg.checkpoint):
         ck = load_checkpoint(cfg.checkpoint, map_location=cfg.device)
-        if ck["model_config"] != model_cfg.to_dict():
-            raise ValueError(f"checkpoint {cfg.checkpoint} has another model config: {ck['model_config']}")
+        check_resumable(ck, cfg.checkpoint, model_cfg)
         core.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, rows = int(ck["step"]), list(ck["log"])
@@ -298,15 +336,12 @@ def load_config(path: str):
 def load_model(path: str, device="cpu") -> CGINS:
     """A trained CGINS from a checkpoint (eval mode). ``model.sha256`` is the hash of
     the checkpoint file, for the result file's provenance."""
-    import hashlib
-
     ck = load_checkpoint(path, map_location=device)
     dt = DTYPES[ck.get("train_config", {}).get("model_dtype", "float32")]
     net = CGINS(CGINSConfig.from_dict(ck["model_config"])).to(dtype=dt, device=device)
     net.load_state_dict(ck["model"])
     net.eval()
-    with open(path, "rb") as fh:
-        net.sha256 = hashlib.sha256(fh.read()).hexdigest()
+    net.sha256 = _sha256(path)
     return net
 
 

@@ -221,3 +221,58 @@ def test_init_from_fine_tunes_a_checkpoint_with_another_t(tmp_path):
     assert r.returncode == hpc_train.EXIT_CONFIG
     assert "differs in channels" in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "bad2" / "cgins_tiny.pt")
+
+
+def test_export_ships_the_weights_and_refuses_to_resume(tmp_path):
+    """`python -m hpc.export_model`: the optimizer state goes, the rest stays (the same
+    network function, configs, log, provenance with the source's sha256); the export
+    starts runs (--init-from) but resuming it, or resuming a checkpoint of another
+    architecture, is a one-line config error, not a traceback."""
+    import hashlib
+
+    from model.train import load_model
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=2, checkpoint_every=1)
+    with single_process_env():
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "run")]) == 0
+    src = str(tmp_path / "run" / "cgins_tiny.pt")
+    dst = str(tmp_path / "ship" / "cgins_tiny.pt")
+    r = subprocess.run([sys.executable, "-m", "hpc.export_model", src, dst], cwd=ROOT, env=clean_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    a, b = load_checkpoint(src), load_checkpoint(dst)
+    assert "optimizer" in a and "optimizer" not in b
+    assert os.path.getsize(dst) < 0.6 * os.path.getsize(src)
+    assert b["exported_from"] == {"sha256": hashlib.sha256(open(src, "rb").read()).hexdigest(), "step": 2,
+                                  "dropped": ["optimizer"]}
+    for k in ("step", "model_config", "train_config", "loss_config", "log"):
+        assert b[k] == a[k], k
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    na, nb = load_model(src), load_model(dst)
+    assert nb.sha256 == hashlib.sha256(open(dst, "rb").read()).hexdigest() != na.sha256
+    # resuming the export: refused in one line, nothing written
+    run2 = tmp_path / "ship"
+    rr = cli(cfg, "--out", str(run2), "--steps", "3")
+    assert rr.returncode == hpc_train.EXIT_CONFIG
+    assert "holds weights only" in rr.stderr and "--init-from" in rr.stderr and "Traceback" not in rr.stderr
+    assert load_checkpoint(dst)["step"] == 2
+    # ... but it starts a run, and the run records the export's sha256
+    with single_process_env():
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "ft"), "--init-from", dst, "--steps", "1"]) == 0
+    assert load_checkpoint(str(tmp_path / "ft" / "cgins_tiny.pt"))["init_from"]["sha256"] == nb.sha256
+    # resuming a checkpoint of another architecture: one line, not a traceback
+    d = yaml.safe_load(open(cfg))
+    d["model"]["channels"] = [6, 11]
+    cfg_w = tmp_path / "tiny_w.yaml"
+    cfg_w.write_text(yaml.safe_dump(d))
+    rw = cli(str(cfg_w), "--out", str(tmp_path / "run"))
+    assert rw.returncode == hpc_train.EXIT_CONFIG
+    assert "has another model config (differs in channels)" in rw.stderr and "Traceback" not in rw.stderr
+    # bad input to the export: one line, exit 2, nothing written
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    for args in ((str(junk), str(tmp_path / "x.pt")), (src, src), (str(tmp_path / "none.pt"), str(tmp_path / "y.pt"))):
+        re_ = subprocess.run([sys.executable, "-m", "hpc.export_model", *args], cwd=ROOT, env=clean_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert re_.returncode == 2 and len(re_.stderr.strip().splitlines()) == 1, re_.stderr
+    assert not os.path.exists(tmp_path / "x.pt") and not os.path.exists(tmp_path / "y.pt")
