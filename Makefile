@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 PRECOND ?= multigrid
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test bench clean
 
 setup:
 	@bash scripts/setup_env.sh

@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ctol", type=float, default=None)
     s.add_argument("--maxiter", type=int, default=20000)
     s.add_argument("--precision", choices=["float64", "float32"], default="float64")
-    s.add_argument("--preconditioner", "--pc", choices=["jacobi", "multigrid"], default="jacobi")
+    s.add_argument("--preconditioner", "--pc", choices=["jacobi", "multigrid"], default="multigrid",
+                   help="PCG preconditioner (default multigrid)")
     s.add_argument("--soft", type=float, default=1e-6)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="more log output")

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soft", type=float, default=1e-6, help="void stiffness as a fraction of max E (default 1e-6)")
     p.add_argument("--E", type=float, nargs="+", help="Young's moduli per phase (.npy input)")
     p.add_argument("--nu", type=float, nargs="+", help="Poisson ratios per phase (.npy input)")
-    p.add_argument("--size", type=float, nargs=3, default=None, help="cell size (.npy input; default 1 1 1)")
+    p.add_argument("--size", type=float, nargs=3, default=None,
+                   help="cell size (default: the file's; 1 1 1 for .npy input)")
     p.add_argument("--fields", action="store_true",
                    help="also write the displacement fields (+ .xdmf sidecar for ParaView)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -93,7 +94,7 @@ def load(args, rank_size):
     try:
         if rank_size[1] > 1:
             from hpc.parallel import setup_parallel
-            domain, cell = setup_parallel(args.cell, E=args.E, nu=args.nu)
+            domain, cell = setup_parallel(args.cell, E=args.E, nu=args.nu, size=args.size)
         else:
             cell = read_cell(args.cell, E=args.E, nu=args.nu)
             if args.size is not None:
@@ -103,6 +104,22 @@ def load(args, rank_size):
     except CellError as exc:
         raise InputError(f"{args.cell}: {exc}") from None
     return domain, cell
+
+
+def petsc_input(args, cell, nranks):
+    """What solver.petsc_ref.petsc_homogenize gets: the validated cell in one process;
+    under MPI the file's path (each rank reads only its block), or the whole cell on
+    every rank when the file alone does not say it all (.npy phases, or --E / --nu /
+    --size overriding the file's values)."""
+    if nranks == 1:
+        return cell
+    if args.cell.endswith(".npy") or args.E or args.nu or args.size:
+        from microstructures.io import read_cell
+        full = read_cell(args.cell, E=args.E, nu=args.nu)
+        if args.size is not None:
+            full.size = tuple(args.size)
+        return full.validate()
+    return args.cell
 
 
 class Progress:
@@ -253,7 +270,7 @@ def main(argv=None) -> int:
                         tty=sys.stderr.isatty())
     if args.solver == "petsc":
         from solver.petsc_ref import petsc_homogenize
-        res = petsc_homogenize(cell if size == 1 else args.cell, rtol=args.rtol, pc=args.petsc_pc,
+        res = petsc_homogenize(petsc_input(args, cell, size), rtol=args.rtol, pc=args.petsc_pc,
                                options=args.petsc_options.split() or None, soft=args.soft,
                                maxiter=args.maxiter, keep_fields=args.fields)
     else:

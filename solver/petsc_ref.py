@@ -400,7 +400,7 @@ def petsc_homogenize(cell, rtol: float = 1e-6, ksp: str = "cg", pc: str = "gamg"
     of a cell HDF5 file (each rank reads only its block of /phases). ``rtol`` is
     relative to ||f^i|| in the unpreconditioned 2-norm (as solver.pcg). ``options``
     are PETSc options (dict or list of strings) applied under ``options_prefix``
-    (so -homog_ksp_monitor on the command line works too) on top of GAMG_DEFAULTS
+    (given with or without it; so -homog_ksp_monitor on the command line works too) on top of GAMG_DEFAULTS
     for pc='gamg'. Runs on every rank of ``comm`` (default PETSc.COMM_WORLD); all
     ranks return the same result. ``keep_fields``: chi (6, 3, n_x, n_y, n_z) numpy on
     rank 0 (gathered; modest sizes only).
@@ -420,7 +420,9 @@ def petsc_homogenize(cell, rtol: float = 1e-6, ksp: str = "cg", pc: str = "gamg"
     k.setTolerances(rtol=rtol, atol=0.0, max_it=maxiter)
     k.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
     db = PETSc.Options()
-    user = _parse_options(options)
+    # "-homog_ksp_monitor" as well as "-ksp_monitor": the prefix is added once, below
+    user = {(k[len(options_prefix):] if options_prefix and k.startswith(options_prefix) else k): v
+            for k, v in _parse_options(options).items()}
     inserted = {}
     if pc == "gamg":
         for key, val in GAMG_DEFAULTS.items():

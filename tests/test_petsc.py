@@ -134,10 +134,12 @@ def test_homogeneous_cell_is_exact_without_iterations():
     assert _rel(res.C, isotropic_voigt(2.0, 0.3)) <= 1e-12
 
 
-def test_failed_solve_raises_with_reason_name():
+@pytest.mark.parametrize("opt", ["-ksp_max_it", "-homog_ksp_max_it"])
+def test_failed_solve_raises_with_reason_name(opt):
+    """also: a user option given with the prefix is the same option (not -homog_homog_...)"""
     pr = _petsc()
     with pytest.raises(pr.PetscSolveError, match="DIVERGED_MAX_IT"):
-        pr.petsc_homogenize(CELLS["tiny"](), rtol=1e-12, pc="jacobi", options=["-ksp_max_it", "2"])
+        pr.petsc_homogenize(CELLS["tiny"](), rtol=1e-12, pc="jacobi", options=[opt, "2"])
 
 
 def test_user_options_pass_through_and_do_not_leak():
