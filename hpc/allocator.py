@@ -1,4 +1,5 @@
-"""Run the command-line tools on tcmalloc when it is installed.
+"""Run the solver's command-line tools (hpc.homogenize, hpc.evaluate) on tcmalloc when
+it is installed.
 
 The solver allocates and frees field-sized temporaries (tens of MB to GB) every
 iteration. With glibc's malloc each of those above its mmap threshold (at most

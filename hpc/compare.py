@@ -12,7 +12,7 @@ run on ``--ranks`` MPI ranks through ``--launcher``; ours run on one process.
 Every row's C^H is compared with the tightest solution: one more solve at
 ``--reference-rtol`` (1e-10) with the best available solver (multigrid, then
 petsc-gamg, then jacobi), as ||C - C_ref||_F / ||C_ref||_F. A solver that cannot
-run here (e.g. solver.multigrid not written yet, petsc4py missing) is a row marked
+run here (e.g. petsc4py missing) is a row marked
 ``unavailable`` with the reason; a solver that fails is a row marked ``failed``.
 Exit status: 0 if no row failed, 1 otherwise, 2 on bad input.
 """

@@ -1,5 +1,5 @@
 """``python -m hpc.export_model RUN.pt OUT.pt``: a trained CGINS checkpoint without its
-optimizer state, the form a model ships in (models/<name>/).
+optimizer state: the form to ship a trained model in.
 
 AdamW keeps two moments per weight, so a training checkpoint is about three times the
 size of its weights. The export keeps everything else: the weights, the model, loss and

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(applied under the prefix homog_)")
     p.add_argument("--model", default=None,
                    help="CGINS checkpoint for --solver cgins (default: models/cgins_default.pt)")
+    p.add_argument("--baseline", action="store_true",
+                   help="--solver cgins: also solve from a zero start (same solver, same tolerance) and "
+                        "record the iterations and time the network saved (or cost)")
     p.add_argument("--groups", type=int, default=1, choices=[1, 2, 3, 6],
                    help="solve the 6 load cases in this many groups (less memory; default 1)")
     p.add_argument("--soft", type=float, default=1e-6, help="void stiffness as a fraction of max E (default 1e-6)")
@@ -203,7 +206,31 @@ def format_report(res) -> str:
                  f"{'converged' if res.converged else 'NOT CONVERGED'}")
     lines.append(f"time: setup {res.times['setup']:.2f} s, solve {res.times['solve']:.2f} s, "
                  f"total {res.times['total']:.2f} s")
+    if "model" in res.extra:
+        lines.append(f"CGINS model {res.extra['model']} (sha256 {res.extra['model_sha256'][:12]}), "
+                     f"inference {res.extra['time_inference']:.2f} s (in the total)")
+    if "iterations_saved" in res.extra:
+        lines.append(f"zero start: iterations {res.extra['iterations_zero_start']}, total "
+                     f"{res.extra['time_zero_start']:.2f} s; saved by the network: iterations "
+                     f"{res.extra['iterations_saved']}, time {res.extra['time_saved']:+.2f} s")
     return "\n".join(lines)
+
+
+def zero_start_baseline(res, base) -> dict:
+    """What the result of ``--solver cgins --baseline`` records of the zero-start solve
+    ``base`` next to the warm-started ``res``: its iterations per load case, the
+    iterations saved (zero start minus warm start, per case: negative where the network
+    cost iterations), the zero start's total time, and the time saved (its total minus
+    the warm start's total, inference included: negative where the network does not pay
+    for itself), with the relative C^H difference of the two answers (both within the
+    tolerance of the same reference, so of the order of the tolerance)."""
+    C, C0 = np.asarray(res.C), np.asarray(base.C)
+    return {"iterations_zero_start": list(base.iterations),
+            "iterations_saved": [int(b) - int(n) for b, n in zip(base.iterations, res.iterations)],
+            "time_zero_start": float(base.times["total"]),
+            "time_saved": float(base.times["total"] - res.times["total"]),
+            "zero_start_converged": bool(base.converged),
+            "zero_start_chom_rel_diff": float(np.linalg.norm(C - C0) / np.linalg.norm(C0))}
 
 
 def result_json(res, out_path) -> dict:
@@ -213,7 +240,9 @@ def result_json(res, out_path) -> dict:
             "chom_error_estimate": res.error_estimate, "precision": res.precision,
             "preconditioner": res.preconditioner, "times": res.times, "shape": list(res.shape),
             "ranks": res.domain.get("ranks", 1), "allocator": active_allocator(),
-            "operator_apply": res.extra.get("operator_apply"), "output": out_path}
+            "operator_apply": res.extra.get("operator_apply"), "output": out_path,
+            **{k: res.extra[k] for k in ("model", "model_sha256", "time_inference", "iterations_zero_start",
+                                         "iterations_saved", "time_zero_start", "time_saved") if k in res.extra}}
 
 
 def main(argv=None) -> int:
@@ -282,6 +311,11 @@ def main(argv=None) -> int:
             res.solver = "cgins+pcg"
             res.extra.update(warm.provenance)
             res.extra["time_inference"] = res.times.get("warm_start", 0.0)
+            if args.baseline:
+                res.extra.update(zero_start_baseline(res, homogenize(
+                    cell, rtol=args.rtol, ctol=args.ctol, maxiter=args.maxiter, precision=args.precision,
+                    device=args.device, preconditioner=args.preconditioner, soft=args.soft, domain=domain,
+                    groups=args.groups)))
     progress.close()
     disp = None
     if args.fields:

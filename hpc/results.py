@@ -8,9 +8,13 @@
                     of the six unit strains (+ an .xdmf sidecar for ParaView)
     attrs           convention, solver, preconditioner, precision, rtol, ctol,
                     iterations, residuals (per load case), converged,
-                    chom_error_estimate, time_setup/solve/total, ranks, dims,
-                    device, version, input, input_sha256, shape, soft,
-                    multigrid (levels, cycle, smoother; multigrid PCG only)
+                    chom_error_estimate, chom_error_estimate_cases (per load case),
+                    time_setup/solve/total, ranks, dims, devices, version, allocator,
+                    input, input_sha256, shape, soft, and what the solver adds
+                    (multigrid: levels, cycle, smoother; operator_apply; groups;
+                    cgins: model, model_sha256, time_inference; with --baseline also
+                    iterations_zero_start, iterations_saved (per load case), time_zero_start,
+                    time_saved, zero_start_converged, zero_start_chom_rel_diff)
 """
 from __future__ import annotations
 
@@ -79,8 +83,13 @@ def result_attrs(res, input_path=None, input_sha=None) -> dict:
     if input_sha is not None:
         a["input_sha256"] = input_sha
     for k, v in res.extra.items():
+        if k == "history":                                 # written as JSON by write_result
+            continue
         if isinstance(v, (int, float, str, bool)):
             a[k] = v
+        elif (isinstance(v, (list, tuple)) and v
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+            a[k] = np.asarray(v, dtype=np.int64 if all(isinstance(x, int) for x in v) else np.float64)
     return a
 
 

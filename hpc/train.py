@@ -18,8 +18,8 @@ Data (YAML ``data`` section, or flags):
                            data.split / data.families filter the shards
     data.generate: {...}   no files: generate the cells in memory with model.data's
                            sampler (DataConfig fields: n, samples_per_family, seed, ...)
-    neither                generate in memory with DataConfig defaults and n =
-                           data.resolution (default 16)
+    neither                generate in memory with DataConfig defaults, 4 cells per
+                           family and n = data.resolution (default 16)
 
 ``--data DIR`` overrides data.train; ``--generate K`` (K cells per family) and
 ``--resolution n`` force in-memory generation.
@@ -33,7 +33,8 @@ Output directory (``--out``, default: the directory of train.checkpoint):
 A run resumes from <out>'s checkpoint unless ``--no-resume``. ``--init-from CK`` (or
 train.init_from) starts a fresh run (step 0, a new optimizer and schedule) from the
 weights of checkpoint CK, to fine-tune a trained model (on your own family of cells,
-or with more embedded PCG steps: the model configs may differ only in t and use_pcg);
+or with more embedded PCG steps: the model configs may differ only in t and use_pcg,
+and channels may widen, below);
 the new checkpoint records CK's path, sha256 and step. CK may also be narrower
 (the same depth, each level at most as wide): the run then starts from the
 function-preserving widening of its network (model.network.widen_state_dict). A trained

@@ -178,6 +178,35 @@ def test_cgins_without_a_model_is_an_input_error(tmp_path, capsys):
     assert not os.path.exists(str(tmp_path / "c.result.h5"))
 
 
+def test_cgins_keeps_the_answer_and_records_what_it_saved(tmp_path, capsys):
+    """--solver cgins with the shipped default model: the same C^H as the multigrid
+    solve to the tolerance (the network only moves the start); the result records the
+    model, its sha256 and the inference time, and with --baseline the zero-start solve's
+    iterations, the iterations saved (zero minus warm, per load case) and the time."""
+    import hashlib
+
+    from microstructures.generators.minimal_surfaces import tpms
+    p = str(tmp_path / "g.h5")
+    write_cell(tpms("G", "sheet", vf=0.3, n=16), p)
+    assert main([p, "-q", "--rtol", "1e-8", "-o", str(tmp_path / "mg.h5")]) == EXIT_OK
+    capsys.readouterr()
+    assert main([p, "-q", "--rtol", "1e-8", "--solver", "cgins", "--baseline", "--json",
+                 "-o", str(tmp_path / "nn.h5")]) == EXIT_OK
+    js = json.loads(capsys.readouterr().out)
+    mg, nn = read_result(str(tmp_path / "mg.h5")), read_result(str(tmp_path / "nn.h5"))
+    assert np.linalg.norm(nn["C"] - mg["C"]) <= 1e-6 * np.linalg.norm(mg["C"])
+    a = nn["attrs"]
+    model = os.path.join(ROOT, "models", "cgins_default.pt")
+    assert a["solver"] == "cgins+pcg" and a["model"] == "cgins_default.pt"
+    assert a["model_sha256"] == hashlib.sha256(open(model, "rb").read()).hexdigest()
+    assert a["time_inference"] > 0 and bool(a["zero_start_converged"])
+    assert list(a["iterations_zero_start"]) == list(mg["attrs"]["iterations"])   # the same zero-start solve
+    assert list(a["iterations_saved"]) == [z - w for z, w in zip(a["iterations_zero_start"], a["iterations"])]
+    assert a["time_saved"] == pytest.approx(a["time_zero_start"] - a["time_total"])
+    assert a["zero_start_chom_rel_diff"] <= 1e-6
+    assert js["iterations_saved"] == list(a["iterations_saved"]) and js["model"] == "cgins_default.pt"
+
+
 def test_cli_runs_on_tcmalloc_and_records_it(tmp_path):
     """The command line re-executes itself with tcmalloc preloaded (hpc.allocator);
     HPC_ALLOCATOR=system keeps glibc. Both are recorded in the result."""
