@@ -262,6 +262,9 @@ def main(argv=None) -> int:
                 raise InputError(f"--{name} must be a positive number, got {v}")
         if args.maxiter < 1:
             raise InputError(f"--maxiter must be >= 1, got {args.maxiter}")
+        if args.baseline and args.solver != "cgins":
+            raise InputError(f"--baseline compares the network's start with a zero start: it needs "
+                             f"--solver cgins, not {args.solver}")
         if os.path.abspath(out_path) == os.path.abspath(args.cell):
             raise InputError("the output file would overwrite the input")
         import torch

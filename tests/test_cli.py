@@ -170,6 +170,8 @@ def test_solvers_agree_on_the_laminate(extra, tmp_path, capsys):
 def test_cgins_without_a_model_is_an_input_error(tmp_path, capsys):
     p = str(tmp_path / "c.h5")
     write_cell(Cell(two_phase(), [1.0, 2.0], [0.3, 0.3]), p)
+    assert main([p, "-q", "--baseline"]) == EXIT_INPUT
+    assert "needs --solver cgins" in capsys.readouterr().err
     assert main([p, "-q", "--solver", "cgins", "--model", str(tmp_path / "none.pt")]) == EXIT_INPUT
     assert "no such checkpoint" in capsys.readouterr().err
     bad = tmp_path / "bad.pt"
