@@ -110,24 +110,45 @@ def test_shipped_fine_tuned_model_records_the_shipped_default():
     assert load_model(ft).cfg.t == 10
 
 
-@pytest.mark.parametrize("name,channels", [("cgins_wide16_t10", (16, 32, 64)),
-                                           ("cgins_wide32_t10", (32, 64, 128))])
-def test_shipped_widened_model_records_its_narrow_start(name, channels):
-    """models/cgins_wide*_t10 started from the function-preserving widening of
-    models/cgins_t10 (train.init_from into wider channels): each checkpoint names that
-    file with its sha256 and the channels it widened, and the two model configs differ
-    only in the channels. Fails when one is replaced without the other (then re-run
-    configs/<name>.yaml)."""
+@pytest.mark.parametrize("name,channels,base_name,base_channels", [
+    ("cgins_wide16_t10", (16, 32, 64), "cgins_t10", [8, 16, 32]),
+    ("cgins_wide32_t10", (32, 64, 128), "cgins_t10", [8, 16, 32])])
+def test_shipped_widened_model_records_its_narrow_start(name, channels, base_name, base_channels):
+    """models/cgins_wide*_t10 started from the function-preserving widening of a
+    narrower shipped model (train.init_from into wider channels): each checkpoint names
+    that file with its sha256 and the channels it widened, and the two model configs
+    differ only in the channels. Fails when one is replaced without the other (then
+    re-run configs/<name>.yaml)."""
     import hashlib
 
     from model.train import WEIGHTLESS_KEYS, load_model
     root = os.path.join(os.path.dirname(__file__), "..")
-    base = os.path.join(root, "models", "cgins_t10", "cgins_t10.pt")
+    base = os.path.join(root, "models", base_name, base_name + ".pt")
     wide = os.path.join(root, "models", name, name + ".pt")
     ck_b, ck_w = load_checkpoint(base), load_checkpoint(wide)
     with open(base, "rb") as fh:
         assert ck_w["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
-    assert ck_w["init_from"]["widened_from"] == list(ck_b["model_config"]["channels"]) == [8, 16, 32]
+    assert ck_w["init_from"]["widened_from"] == list(ck_b["model_config"]["channels"]) == base_channels
     diff = {k for k in ck_b["model_config"] if ck_b["model_config"][k] != ck_w["model_config"][k]}
     assert diff - set(WEIGHTLESS_KEYS) == {"channels"}
     assert load_model(wide).cfg.channels == channels and ck_w["model_config"]["t"] == 10
+
+
+def test_shipped_long_model_records_its_start_and_its_export():
+    """models/cgins_wide32_long_t10 trained models/cgins_wide32_t10 on (train.init_from, the
+    same model config) and ships as an export (hpc.export_model: no optimizer state): it
+    names its start with that file's sha256 and its exported source, and it loads."""
+    import hashlib
+
+    from model.train import load_model
+    root = os.path.join(os.path.dirname(__file__), "..")
+    base = os.path.join(root, "models", "cgins_wide32_t10", "cgins_wide32_t10.pt")
+    ck_b = load_checkpoint(base)
+    ck = load_checkpoint(os.path.join(root, "models", "cgins_wide32_long_t10", "cgins_wide32_long_t10.pt"))
+    with open(base, "rb") as fh:
+        assert ck["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    assert ck["init_from"]["step"] == ck_b["step"] and "widened_from" not in ck["init_from"]
+    assert ck["model_config"] == ck_b["model_config"]
+    assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == 1500
+    assert load_model(os.path.join(root, "models", "cgins_wide32_long_t10",
+                                   "cgins_wide32_long_t10.pt")).cfg.channels == (32, 64, 128)
