@@ -209,15 +209,13 @@ def configure(args):
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if getattr(args, "resume", True) and os.path.exists(tc.checkpoint):
-        from model.train import check_resumable, load_checkpoint
+        from model.train import check_resumable, read_cgins_checkpoint
         try:
-            check_resumable(load_checkpoint(tc.checkpoint), tc.checkpoint, mc)
+            check_resumable(read_cgins_checkpoint(tc.checkpoint, f"checkpoint {tc.checkpoint} (to resume)"),
+                            tc.checkpoint, mc)
         except ValueError as e:
-            raise ConfigError(str(e)) from None
-        except Exception as e:  # an unreadable or foreign file
-            raise ConfigError(f"checkpoint {tc.checkpoint} cannot be resumed ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0]}); start elsewhere (--out) or "
-                              "afresh (--no-resume)") from None
+            raise ConfigError(f"{e}; start elsewhere (--out) or afresh (--no-resume)"
+                              if "not a CGINS checkpoint" in str(e) else str(e)) from None
     if len(lc.level_weights) < mc.levels:
         raise ConfigError(f"loss.level_weights needs {mc.levels} entries, has {list(lc.level_weights)}")
     return mc, lc, tc, rest

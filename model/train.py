@@ -112,13 +112,30 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(fh.read()).hexdigest()
 
 
+def read_cgins_checkpoint(path: str, what: str, device="cpu") -> dict:
+    """load_checkpoint(path), or ValueError "<what>: not a CGINS checkpoint (...)" in one
+    line when it is not a dict with the model and its config."""
+    try:
+        ck = load_checkpoint(path, map_location=device)
+        if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+            raise KeyError("model" if isinstance(ck, dict) and "model_config" in ck else "model_config")
+    except Exception as exc:  # OSError, UnpicklingError, RuntimeError, KeyError ...
+        msg = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{what}: not a CGINS checkpoint ({type(exc).__name__}: {msg})") from None
+    return ck
+
+
+def config_diff(theirs: dict, ours: dict, ignore=()) -> list:
+    """The model-config keys whose values differ (sorted), except ``ignore``."""
+    return sorted(k for k in set(theirs) | set(ours) if k not in ignore and theirs.get(k) != ours.get(k))
+
+
 def check_resumable(ck: dict, path: str, model_cfg: CGINSConfig):
     """ValueError (one line) unless checkpoint ``ck`` (read from ``path``) can continue a
     run of ``model_cfg``: the same model config, and an optimizer state (an exported,
     weights-only checkpoint cannot be resumed, only fine-tuned from)."""
-    if ck.get("model_config") != model_cfg.to_dict():
-        diff = sorted(k for k in set(ck.get("model_config") or {}) | set(model_cfg.to_dict())
-                      if (ck.get("model_config") or {}).get(k) != model_cfg.to_dict().get(k))
+    diff = config_diff(ck.get("model_config") or {}, model_cfg.to_dict())
+    if diff:
         raise ValueError(f"checkpoint {path} has another model config (differs in {', '.join(diff)}): "
                          "resume it with its own config, or start elsewhere (--out) or afresh (--no-resume)")
     if "optimizer" not in ck:
@@ -134,13 +151,7 @@ def export_weights(src: str, dst: str) -> dict:
     does not resume. Returns ``exported_from``."""
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"{dst}: the export must not overwrite its source")
-    try:
-        ck = load_checkpoint(src)
-        if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
-            raise KeyError("model")
-    except Exception as exc:  # OSError, UnpicklingError, RuntimeError, KeyError ...
-        msg = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{src}: not a CGINS checkpoint ({type(exc).__name__}: {msg})") from None
+    ck = read_cgins_checkpoint(src, src)
     out = {k: v for k, v in ck.items() if k != "optimizer"}
     out["exported_from"] = {"sha256": _sha256(src), "step": int(ck.get("step", 0)),
                             "dropped": ["optimizer"] if "optimizer" in ck else []}
@@ -161,17 +172,9 @@ def init_checkpoint(path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
     ValueError with a one-line reason otherwise."""
     if not os.path.isfile(path):
         raise ValueError(f"train.init_from {path}: no such checkpoint file")
-    try:
-        ck = load_checkpoint(path, map_location=device)
-        theirs = dict(ck["model_config"])
-        if "model" not in ck:
-            raise KeyError("model")
-    except Exception as exc:  # UnpicklingError, RuntimeError, KeyError, TypeError ...
-        msg = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"train.init_from {path}: not a CGINS checkpoint ({type(exc).__name__}: {msg})") from None
-    ours = model_cfg.to_dict()
-    diff = sorted(k for k in set(theirs) | set(ours)
-                  if k not in WEIGHTLESS_KEYS and theirs.get(k) != ours.get(k))
+    ck = read_cgins_checkpoint(path, f"train.init_from {path}", device)
+    theirs, ours = dict(ck["model_config"]), model_cfg.to_dict()
+    diff = config_diff(theirs, ours, WEIGHTLESS_KEYS)
     if diff == ["channels"] and widens(theirs["channels"], ours["channels"]):
         diff = []
     if diff:
