@@ -15,7 +15,9 @@ global-batch mean as one process (model/train.py). Only rank 0 writes.
 Data (YAML ``data`` section, or flags):
 
     data.train: DIR        sharded HDF5 made by ``python -m hpc.make_dataset`` (model/data.py);
-                           data.split / data.families filter the shards
+                           data.split / data.families filter the shards;
+                           data.family_weights {family: w} (whole numbers >= 0, default 1)
+                           repeats each cell of that family w times in every epoch
     data.generate: {...}   no files: generate the cells in memory with model.data's
                            sampler (DataConfig fields: n, samples_per_family, seed, ...)
     neither                generate in memory with DataConfig defaults, 4 cells per
@@ -101,16 +103,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- data -------------------------------------------------------------------------------
 class DatasetCells:
-    """A model.data.ShardedDataset seen as a sequence of Cells (what train() indexes)."""
+    """A model.data.ShardedDataset seen as a sequence of Cells (what train() indexes).
 
-    def __init__(self, ds):
+    ``family_weights`` {family: w}: every sample of that family appears w times (a whole
+    number >= 0; families not named keep 1), so an epoch draws the families in those
+    proportions; ``source_index(k)`` is the data-set sample behind item k (train() keys
+    its operator cache by it, so a repeated cell is assembled once)."""
+
+    def __init__(self, ds, family_weights: Optional[dict] = None):
         self.ds = ds
+        if not isinstance(family_weights or {}, dict):
+            raise ConfigError(f"data.family_weights must map families to weights, got {family_weights!r}")
+        w = {str(f): _whole_weight(f, v) for f, v in (family_weights or {}).items()}
+        present = set(str(f) for f in ds.families)
+        unknown = sorted(set(w) - present)
+        if unknown:
+            raise ConfigError(f"data.family_weights names {unknown}, not in the data "
+                              f"(families present: {sorted(present)})")
+        self.rows = np.array([k for k in range(len(ds)) for _ in range(w.get(str(ds.families[k]), 1))],
+                             dtype=np.int64)
+        if self.rows.size == 0:
+            raise ConfigError("data.family_weights leaves no cells to train on")
 
     def __len__(self):
-        return len(self.ds)
+        return int(self.rows.size)
+
+    def source_index(self, k):
+        return int(self.rows[k])
 
     def __getitem__(self, k):
-        return self.ds.cell(k)
+        return self.ds.cell(self.source_index(k))
+
+
+def _whole_weight(family, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
+        raise ConfigError(f"data.family_weights[{family!r}] must be a whole number >= 0, got {v!r}")
+    return int(v)
 
 
 def generated_cells(spec: dict):
@@ -142,7 +170,13 @@ def training_cells(data: dict, args):
         if len(ds) == 0:
             raise ConfigError(f"the shards at {root!r} hold no samples (split={data.get('split')!r}, "
                               f"families={data.get('families')!r})")
-        return DatasetCells(ds), f"{len(ds)} cells from {root}"
+        cells = DatasetCells(ds, data.get("family_weights"))
+        weights = f", family weights {data['family_weights']} ({len(cells)} per epoch)" \
+            if data.get("family_weights") else ""
+        return cells, f"{len(ds)} cells from {root}{weights}"
+    if data.get("family_weights"):
+        raise ConfigError("data.family_weights applies to data.train shards only, not to cells "
+                          "generated in memory")
     spec = dict(data.get("generate") or {})
     spec.setdefault("n", int(data.get("resolution", 16)))
     if args.resolution:

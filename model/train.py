@@ -284,12 +284,15 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
     sdt = DTYPES[cfg.solver_dtype]
     ops_cache = {}
 
+    source = getattr(cells, "source_index", lambda i: i)   # a repeated cell is assembled once
+
     def ops_of(idx):
         out = []
         for i in idx:
-            if i not in ops_cache:
-                ops_cache[i] = cell_operator(cells[i], sdt, cfg.device, cfg.soft)
-            out.append(ops_cache[i])
+            key = source(i)
+            if key not in ops_cache:
+                ops_cache[key] = cell_operator(cells[i], sdt, cfg.device, cfg.soft)
+            out.append(ops_cache[key])
         return out
 
     row = rows[-1] if rows else {}

@@ -165,6 +165,48 @@ def test_sharded_dataset_trains_like_the_same_cells_in_memory(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_family_weights_repeat_cells_and_zero_equals_the_family_filter(tmp_path):
+    """data.family_weights repeats each cell of a family w times per epoch; w = 0 for a
+    family trains exactly like data.families without it (same cells, same order, same
+    batches, bitwise the same weights); bad weights are one-line config errors (exit 2)."""
+    from hpc.train import DatasetCells
+    from model.data import DataConfig, ShardedDataset, generate
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=2, checkpoint_every=2, batch_size=2)
+    d = yaml.safe_load(open(cfg))
+    spec = d["data"]["generate"]
+    shards = str(tmp_path / "shards")
+    generate(DataConfig(**dict(spec, samples_per_family=2), shard_size=3, out_dir=shards), workers=0)
+
+    ds = ShardedDataset(shards)
+    cells = DatasetCells(ds, {"tpms": 0, "shell": 3})
+    fams = [str(ds.families[cells.source_index(k)]) for k in range(len(cells))]
+    assert sorted(fams) == ["lattice"] * 2 + ["shell"] * 6
+    for k in range(len(cells)):
+        assert (cells[k].phases == ds.cell(cells.source_index(k)).phases).all()
+
+    def run(name, data):
+        path = tmp_path / f"{name}.yaml"
+        yaml.safe_dump(dict(d, data=data), open(path, "w"))
+        with single_process_env():
+            return hpc_train.main([str(path), "--out", str(tmp_path / name)])
+
+    assert run("weights", {"train": shards, "family_weights": {"tpms": 0}}) == 0
+    assert run("filter", {"train": shards, "families": ["lattice", "shell"]}) == 0
+    a = load_checkpoint(str(tmp_path / "weights" / "cgins_tiny.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "filter" / "cgins_tiny.pt"))["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert "(4 per epoch)" in yaml.safe_load(open(tmp_path / "weights" / "config.yaml"))["launch"]["cells"]
+    for bad in ({"train": shards, "family_weights": {"foam": 2}},
+                {"train": shards, "family_weights": {"shell": 1.5}},
+                {"train": shards, "family_weights": {"shell": -1}},
+                {"train": shards, "family_weights": {"tpms": 0, "lattice": 0, "shell": 0}},
+                {"train": shards, "family_weights": [2, 2]},
+                {"generate": spec, "family_weights": {"shell": 2}}):
+        assert run("bad", bad) == hpc_train.EXIT_CONFIG, bad
+    assert not os.path.exists(tmp_path / "bad" / "cgins_tiny.pt")
+
+
 def test_init_from_fine_tunes_a_checkpoint_with_another_t(tmp_path):
     """--init-from starts a fresh run (step 0, its own optimizer) from another
     checkpoint's weights; t and use_pcg may differ, any other model key may not; the
