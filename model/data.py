@@ -323,10 +323,12 @@ def generate(cfg: DataConfig, client=None, workers: int = 0, shards: Optional[Se
 
 
 def shard_files(root) -> list:
-    """Shard files of a directory, a glob pattern or a list of files, sorted."""
+    """Shard files of a directory, a glob pattern, a file, or a list of those, sorted."""
     if isinstance(root, (list, tuple)):
-        files = [str(f) for f in root]
-    elif os.path.isdir(root):
+        files = {f for r in root for f in (shard_files(r) if os.path.isdir(str(r)) or glob.has_magic(str(r))
+                                           else [str(r)])}
+        return sorted(files)
+    if os.path.isdir(root):
         files = glob.glob(os.path.join(root, "*.h5"))
     else:
         files = glob.glob(str(root))

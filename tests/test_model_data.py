@@ -12,7 +12,7 @@ import torch
 from microstructures.cell import CellError
 from microstructures.generators import SURFACES, VF_TOL, topology_names
 from model import data
-from model.data import DataConfig, ShardedDataset, draw_params, generate, make_shard
+from model.data import DataConfig, ShardedDataset, draw_params, generate, make_shard, shard_files
 
 
 def _cfg(out_dir, **kw):
@@ -115,6 +115,10 @@ def test_dataset_indexing_and_filters(serial, tmp_path):
     assert len(ShardedDataset(mixed)) == 18
     assert len(ShardedDataset(mixed, split="heldout")) == 6 and len(ShardedDataset(mixed, split="train")) == 12
     assert len(ShardedDataset(mixed, seed=99, families=["shell", "lattice"])) == 4
+    # a list of directories (and globs, and files), as data.train takes it; no file twice
+    both = ShardedDataset([serial.out_dir, held.out_dir, serial.shard_path(0)])
+    assert both.files == ShardedDataset(mixed).files and len(both) == 18
+    assert shard_files([os.path.join(held.out_dir, "*.h5")]) == [held.shard_path(0)]
 
     # DataLoader worker processes each open their own handles
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
