@@ -5,14 +5,17 @@ models evaluated in different runs can be compared cell by cell: the mean of del
 family says how far each is from the targets, the per-cell ratio says whether one model
 is better than the other in general or only on a few outliers.
 
-    python bench/compare_eval.py A.json.gz:wide32 B.json:wide64 [--t 10] [--markdown]
+    python bench/compare_eval.py A.json.gz:wide32 B.json:wide64 [--t 10] [--by-kind] [--markdown]
 
 Each argument is REPORT:LABEL (a report of `python -m hpc.evaluate -o`, gzipped or not,
 and one of its model labels); the first is the baseline. Cells are matched by `id`;
 only cells present in every report are compared (the count is printed). Columns per
 family and model: delta_mean, median, max, the share of cells at or below 1%, and,
 against the baseline, the share of cells where the model's delta is lower and the
-median of the per-cell ratio model / baseline.
+median of the per-cell ratio model / baseline. ``--by-kind`` adds rows per family and
+kind (TPMS sheet / network; lattice and shell on a named topology / on a random graph),
+the kind of a cell taken from any report that records it (reports of hpc.evaluate
+before session 14 do not; cells no report gives a kind to count as '?').
 """
 import argparse
 import gzip
@@ -28,7 +31,7 @@ def load_report(path):
 
 
 def deltas(report, label, t):
-    """{cell id: (family, delta)} of one model at t embedded steps."""
+    """{cell id: (family, delta, kind or None)} of one model at t embedded steps."""
     out = {}
     for c in report["cells"]:
         m = c.get("models", {}).get(label)
@@ -36,23 +39,31 @@ def deltas(report, label, t):
             raise KeyError(f"model {label!r} is not in the report (it has {sorted(c.get('models', {}))})")
         if str(t) not in m:
             raise KeyError(f"model {label!r} was not evaluated at t = {t} (it has t = {sorted(m)})")
-        out[c["id"]] = (c["family"], float(m[str(t)]["delta"]))
+        out[c["id"]] = (c["family"], float(m[str(t)]["delta"]), c.get("kind"))
     return out
 
 
-def compare(series, t=10):
-    """series: [(name, {id: (family, delta)})], the first the baseline. Returns
-    (rows, n): rows of dicts per family (and 'all') and model, over the common cells."""
+def compare(series, t=10, by_kind=False):
+    """series: [(name, {id: (family, delta, kind)})], the first the baseline. Returns
+    (rows, n): rows of dicts per family (and 'all') and model, over the common cells;
+    with ``by_kind``, rows per family and kind ('family/kind') before each family's."""
     common = set(series[0][1])
     for _, d in series[1:]:
         common &= set(d)
     if not common:
         raise ValueError("the reports have no cell in common")
     base = series[0][1]
-    fams = sorted({base[i][0] for i in common})
+    kind = {i: next((d[i][2] for _, d in series if d[i][2]), "?") for i in common}
+    groups = []
+    for fam in sorted({base[i][0] for i in common}):
+        ids = {i for i in common if base[i][0] == fam}
+        if by_kind:
+            groups += [(f"{fam}/{k}", {i for i in ids if kind[i] == k}) for k in sorted({kind[i] for i in ids})]
+        groups.append((fam, ids))
+    groups.append(("all", common))
     rows = []
-    for fam in fams + ["all"]:
-        ids = sorted(i for i in common if fam == "all" or base[i][0] == fam)
+    for fam, members in groups:
+        ids = sorted(members)
         b = [base[i][1] for i in ids]
         for name, d in series:
             v = [d[i][1] for i in ids]
@@ -70,6 +81,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("series", nargs="+", metavar="REPORT:LABEL")
     p.add_argument("--t", type=int, default=10, help="embedded PCG steps to compare at (default 10)")
+    p.add_argument("--by-kind", action="store_true",
+                   help="also rows per family and kind (named topology / random graph; TPMS form)")
     p.add_argument("--markdown", action="store_true", help="a markdown table instead of plain text")
     a = p.parse_args(argv)
     series = []
@@ -79,7 +92,7 @@ def main(argv=None):
             if not sep or not path or not label:
                 raise ValueError(f"{s!r}: expected REPORT:LABEL")
             series.append((label, deltas(load_report(path), label, a.t)))
-        rows, n = compare(series, a.t)
+        rows, n = compare(series, a.t, a.by_kind)
     except (OSError, KeyError, ValueError) as exc:
         print(f"compare_eval: error: {exc}", file=sys.stderr)
         return 2

@@ -46,7 +46,10 @@ For every cell:
    Aggregated per model and t over family x volume-fraction bin (``--vf-bins``, default
    edges 0.1 0.2 0.3 0.4; cells outside get a "<0.10" / ">0.40" bin, so the counts add
    up), per family, and over all cells: count, delta mean / max, residual mean, energy mean.
-   Each cell records whether its solid percolates along x, y, z and its spanning rank
+   Also per family and kind (``cell_kind``: TPMS sheet / network; lattice and shell on a
+   named topology / on a random k-nearest-neighbour graph): named topologies recur
+   between training and held-out cells at other radii, random graphs never do.
+   Each cell records its kind and topology (or TPMS surface), whether its solid percolates along x, y, z and its spanning rank
    (microstructures.connectivity); the Markdown warns when some do not span all three (their C^H is at the soft-void level and their relative deltas mean nothing).
 3. With several models (ablations, LABEL=PATH): one summary row per label at its own t
    (``t`` of its config, 0 when it has no embedded PCG) unless ``--t`` is given (then at
@@ -581,6 +584,34 @@ def aggregate(cells: List[dict], label: str, t: int, edges: Sequence[float]) -> 
     return rows
 
 
+def cell_kind(params: dict) -> tuple:
+    """(kind, topology) of a data-set sample from its generator parameters: TPMS -> its form
+    ('sheet' / 'network') and surface; lattice / shell -> 'random' (a random
+    k-nearest-neighbour graph) or 'named' and the topology name; otherwise (None, None)."""
+    fam = params.get("family")
+    if fam == "tpms":
+        return params.get("form"), params.get("surface")
+    if fam in ("lattice", "shell"):
+        topo = params.get("topology")
+        return ("random" if topo == "random" else "named"), topo
+    return None, None
+
+
+def aggregate_kind(cells: List[dict], label: str, t: int) -> List[dict]:
+    """Rows (family, kind) with count and delta mean / median / max of model ``label`` at
+    ``t``, for the cells that record a kind, in family order then kind name."""
+    key = str(t)
+    recs = [(c["family"], c["kind"], c["models"][label][key]["delta"]) for c in cells
+            if c.get("kind") and label in c["models"] and key in c["models"][label]]
+    rows = []
+    for fam in family_order([r[0] for r in recs]):
+        for kind in sorted({k for f, k, _ in recs if f == fam}):
+            d = [x for f, k, x in recs if f == fam and k == kind]
+            rows.append({"label": label, "t": int(t), "family": fam, "kind": kind, "count": len(d),
+                         "delta_mean": _mean(d), "delta_median": _median(d), "delta_max": _max(d)})
+    return rows
+
+
 def aggregate_solve(cells: List[dict], pcs: Sequence[str]) -> List[dict]:
     """Means per preconditioner and family (and 'all') of the solver comparison."""
     rows = []
@@ -675,6 +706,17 @@ def render_markdown(report: dict) -> str:
                 line += [f"{_fmt(r['delta_mean'])} ({_fmt(r['delta_max'])})", _fmt(r["residual_mean"], ".2g")]
             body.append(line)
         lines += ["", f"### `{label}`: delta per family and volume fraction", "", markdown_table(header, body)]
+        kinds = [r for r in report.get("aggregates_kind", []) if r["label"] == label]
+        if kinds:
+            rows_k = {(r["family"], r["kind"], r["t"]): r for r in kinds}
+            keys_k = list(dict.fromkeys((r["family"], r["kind"]) for r in kinds))
+            header = ["family", "kind", "n"] + [f"delta t={t} mean / median (max)" for t in ts]
+            body = [[fam, kind, rows_k[(fam, kind, ts[0])]["count"]]
+                    + [f"{_fmt(r['delta_mean'])} / {_fmt(r['delta_median'])} ({_fmt(r['delta_max'])})"
+                       for r in (rows_k[(fam, kind, t)] for t in ts)] for fam, kind in keys_k]
+            lines += ["", f"### `{label}`: delta per family and kind (random: a random k-nearest-neighbour "
+                      "graph, a topology no training cell has; named: a named topology)", "",
+                      markdown_table(header, body)]
     if len(report["models"]) > 1:
         base = report["models"][0]["config"]
         fam_list = list(data["cells_per_family"])
@@ -869,7 +911,9 @@ def run(args, argv: Sequence[str]) -> dict:
         op = cell_operator(cell, dtype=eval_dtype, device=args.device, soft=args.soft)
         op64 = op if eval_dtype == torch.float64 else cell_operator(cell, torch.float64, args.device, args.soft)
         perc, srank = connectivity(cell)
-        rec = {"id": cell_id, "row": int(k), "index": int(ds.index[k]), "family": fam, "vf": vf,
+        kind, topology = cell_kind(ds.params(k))
+        rec = {"id": cell_id, "row": int(k), "index": int(ds.index[k]), "family": fam, "kind": kind,
+               "topology": topology, "vf": vf,
                "vf_bin": vf_bin(vf, edges), "E": float(ds.E[k]), "nu": float(ds.nu[k]), "key": key,
                "percolates": list(perc), "spanning_rank": srank,
                "ref_cached": cached, "C_ref": C_ref, "ref_iterations": ref["iterations"],
@@ -918,6 +962,8 @@ def run(args, argv: Sequence[str]) -> dict:
         "t_per_model": t_per_model,
         "references": {"path": refs_path, "computed": cache.computed, "cached": cache.cached},
         "aggregates": aggregates,
+        "aggregates_kind": [r for md in models for t in t_per_model[md.label]
+                            for r in aggregate_kind(report_cells, md.label, t)],
         "ablation": ablation_rows(report_cells, models, args.t, fams, edges),
         "solve_aggregates": aggregate_solve(report_cells, args.preconditioners) if args.solve else [],
         "cells": report_cells,

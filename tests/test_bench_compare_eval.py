@@ -11,9 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "compare_eval.py")
 
 
-def _report(path, label, deltas, gz=False):
+def _report(path, label, deltas, gz=False, kinds=None):
     cells = [{"id": f"set:{fam}-{i}", "family": fam, "models": {label: {"10": {"delta": d}, "0": {"delta": 9.0}}}}
              for i, (fam, d) in enumerate(deltas)]
+    for c, k in zip(cells, kinds or []):
+        c["kind"] = k
     opener = gzip.open if gz else open
     with opener(path, "wt") as fh:
         json.dump({"cells": cells}, fh)
@@ -53,6 +55,21 @@ def test_paired_numbers_by_hand(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("4 cells in common, t = 10")
     assert "| shell | new | 2 | 0.026" in r.stdout and "| tpms | new | 2 | 0.0300 |" in r.stdout
+
+
+def test_by_kind_takes_the_kind_from_any_report(tmp_path):
+    a = _report(str(tmp_path / "a.json"), "base", [("shell", 0.2), ("shell", 0.01), ("shell", 0.4)])
+    b = _report(str(tmp_path / "b.json"), "new", [("shell", 0.1), ("shell", 0.02), ("shell", 0.1)],
+                kinds=["random", "named", "random"])
+    r = _run(f"{a}:base", f"{b}:new", "--by-kind", "--markdown")
+    assert r.returncode == 0, r.stderr
+    got = {tuple(x.strip() for x in line.strip("|").split("|")[:3]): line for line in r.stdout.splitlines()
+           if line.startswith("| shell")}
+    assert ("shell/random", "base", "2") in got and ("shell/named", "new", "1") in got and ("shell", "new", "3") in got
+    assert "| shell/random | new | 2 | 0.1000 |" in r.stdout and "| shell/random | base | 2 | 0.3000 |" in r.stdout
+    assert "| 100.0% | 0.375 |" in got[("shell/random", "new", "2")]       # lower in both; ratios 0.5, 0.25
+    plain = _run(f"{a}:base", f"{b}:new", "--markdown")
+    assert "shell/" not in plain.stdout
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):

@@ -154,6 +154,30 @@ def test_aggregation_counts_add_up(tmp_path, data_dir, models, first):
     assert {c["vf_bin"] for c in rep["cells"]} <= {"<0.20", "0.20-0.30", ">0.30"}
     for c in rep["cells"]:
         assert c["vf_bin"] == ev.vf_bin(c["vf"], [0.2, 0.3])
+    # the kind rows: each cell's kind and topology from its shard's generator parameters
+    ds = ShardedDataset(data_dir)
+    for c in rep["cells"]:
+        assert (c["kind"], c["topology"]) == ev.cell_kind(ds.params(c["row"])) and c["kind"]
+    kinds = [r for r in rep["aggregates_kind"] if r["label"] == "full" and r["t"] == 0]
+    assert sum(r["count"] for r in kinds) == n
+    for r in kinds:
+        d = [c["models"]["full"]["0"]["delta"] for c in rep["cells"]
+             if c["family"] == r["family"] and c["kind"] == r["kind"]]
+        assert r["count"] == len(d) and r["delta_mean"] == pytest.approx(np.mean(d))
+        assert r["delta_max"] == pytest.approx(max(d)) and r["delta_median"] == pytest.approx(np.median(d))
+    assert "delta per family and kind" in rep["markdown"]
+
+
+def test_cell_kind():
+    assert ev.cell_kind({"family": "tpms", "form": "sheet", "surface": "G"}) == ("sheet", "G")
+    assert ev.cell_kind({"family": "lattice", "topology": "random", "k": 3}) == ("random", "random")
+    assert ev.cell_kind({"family": "shell", "topology": "octet"}) == ("named", "octet")
+    assert ev.cell_kind({"family": "foam"}) == (None, None)
+    cells = [{"family": "shell", "kind": k, "models": {"m": {"10": {"delta": d}}}}
+             for k, d in [("random", 0.3), ("named", 0.01), ("random", 0.1), (None, 9.0)]]
+    rows = ev.aggregate_kind(cells, "m", 10)
+    assert [(r["kind"], r["count"]) for r in rows] == [("named", 1), ("random", 2)]
+    assert rows[1]["delta_mean"] == pytest.approx(0.2) and rows[1]["delta_max"] == 0.3
 
 
 def test_vf_bins():
