@@ -134,21 +134,23 @@ def test_shipped_widened_model_records_its_narrow_start(name, channels, base_nam
     assert load_model(wide).cfg.channels == channels and ck_w["model_config"]["t"] == 10
 
 
-def test_shipped_long_model_records_its_start_and_its_export():
-    """models/cgins_wide32_long_t10 trained models/cgins_wide32_t10 on (train.init_from, the
-    same model config) and ships as an export (hpc.export_model: no optimizer state): it
-    names its start with that file's sha256 and its exported source, and it loads."""
+@pytest.mark.parametrize("name,base_name,steps", [("cgins_wide32_long_t10", "cgins_wide32_t10", 1500),
+                                                   ("cgins_wide32_more_t10", "cgins_wide32_long_t10", 900)])
+def test_shipped_long_model_records_its_start_and_its_export(name, base_name, steps):
+    """models/cgins_wide32_long_t10 trained models/cgins_wide32_t10 on, and cgins_wide32_more_t10
+    trained that one on (train.init_from, the same model config); both ship as exports
+    (hpc.export_model: no optimizer state): each names its start with that file's sha256
+    and its exported source, and loads."""
     import hashlib
 
     from model.train import load_model
     root = os.path.join(os.path.dirname(__file__), "..")
-    base = os.path.join(root, "models", "cgins_wide32_t10", "cgins_wide32_t10.pt")
-    ck_b = load_checkpoint(base)
-    ck = load_checkpoint(os.path.join(root, "models", "cgins_wide32_long_t10", "cgins_wide32_long_t10.pt"))
+    base = os.path.join(root, "models", base_name, base_name + ".pt")
+    path = os.path.join(root, "models", name, name + ".pt")
+    ck_b, ck = load_checkpoint(base), load_checkpoint(path)
     with open(base, "rb") as fh:
         assert ck["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
     assert ck["init_from"]["step"] == ck_b["step"] and "widened_from" not in ck["init_from"]
     assert ck["model_config"] == ck_b["model_config"]
-    assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == 1500
-    assert load_model(os.path.join(root, "models", "cgins_wide32_long_t10",
-                                   "cgins_wide32_long_t10.pt")).cfg.channels == (32, 64, 128)
+    assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == steps
+    assert load_model(path).cfg.channels == (32, 64, 128)
