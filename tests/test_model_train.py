@@ -110,6 +110,19 @@ def test_shipped_fine_tuned_model_records_the_shipped_default():
     assert load_model(ft).cfg.t == 10
 
 
+def _shipped_pair(name, base_name):
+    """(start checkpoint, shipped checkpoint, shipped path) of models/<name>, trained on from
+    models/<base_name>; asserts the shipped one names its start by that file's sha256."""
+    import hashlib
+    root = os.path.join(os.path.dirname(__file__), "..")
+    base = os.path.join(root, "models", base_name, base_name + ".pt")
+    path = os.path.join(root, "models", name, name + ".pt")
+    ck_b, ck = load_checkpoint(base), load_checkpoint(path)
+    with open(base, "rb") as fh:
+        assert ck["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    return ck_b, ck, path
+
+
 @pytest.mark.parametrize("name,channels,base_name,base_channels", [
     ("cgins_wide16_t10", (16, 32, 64), "cgins_t10", [8, 16, 32]),
     ("cgins_wide32_t10", (32, 64, 128), "cgins_t10", [8, 16, 32])])
@@ -119,15 +132,8 @@ def test_shipped_widened_model_records_its_narrow_start(name, channels, base_nam
     that file with its sha256 and the channels it widened, and the two model configs
     differ only in the channels. Fails when one is replaced without the other (then
     re-run configs/<name>.yaml)."""
-    import hashlib
-
     from model.train import WEIGHTLESS_KEYS, load_model
-    root = os.path.join(os.path.dirname(__file__), "..")
-    base = os.path.join(root, "models", base_name, base_name + ".pt")
-    wide = os.path.join(root, "models", name, name + ".pt")
-    ck_b, ck_w = load_checkpoint(base), load_checkpoint(wide)
-    with open(base, "rb") as fh:
-        assert ck_w["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    ck_b, ck_w, wide = _shipped_pair(name, base_name)
     assert ck_w["init_from"]["widened_from"] == list(ck_b["model_config"]["channels"]) == base_channels
     diff = {k for k in ck_b["model_config"] if ck_b["model_config"][k] != ck_w["model_config"][k]}
     assert diff - set(WEIGHTLESS_KEYS) == {"channels"}
@@ -141,15 +147,8 @@ def test_shipped_long_model_records_its_start_and_its_export(name, base_name, st
     trained that one on (train.init_from, the same model config); both ship as exports
     (hpc.export_model: no optimizer state): each names its start with that file's sha256
     and its exported source, and loads."""
-    import hashlib
-
     from model.train import load_model
-    root = os.path.join(os.path.dirname(__file__), "..")
-    base = os.path.join(root, "models", base_name, base_name + ".pt")
-    path = os.path.join(root, "models", name, name + ".pt")
-    ck_b, ck = load_checkpoint(base), load_checkpoint(path)
-    with open(base, "rb") as fh:
-        assert ck["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    ck_b, ck, path = _shipped_pair(name, base_name)
     assert ck["init_from"]["step"] == ck_b["step"] and "widened_from" not in ck["init_from"]
     assert ck["model_config"] == ck_b["model_config"]
     assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == steps
