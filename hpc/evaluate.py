@@ -715,7 +715,7 @@ def render_markdown(report: dict) -> str:
                     + [f"{_fmt(r['delta_mean'])} / {_fmt(r['delta_median'])} ({_fmt(r['delta_max'])})"
                        for r in (rows_k[(fam, kind, t)] for t in ts)] for fam, kind in keys_k]
             lines += ["", f"### `{label}`: delta per family and kind (random: a random k-nearest-neighbour "
-                      "graph, a topology no training cell has; named: a named topology)", "",
+                      "graph, drawn anew for every cell; named: a named topology)", "",
                       markdown_table(header, body)]
     if len(report["models"]) > 1:
         base = report["models"][0]["config"]
