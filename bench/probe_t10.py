@@ -16,7 +16,8 @@ Every variant is compared with the per-case Jacobi-PCG of the network (model.emb
 from the network's output and from zero; delta against the reference C^H of an
 `hpc.evaluate` report (its `C_ref` per cell; the cells are matched by row).
 
-    python bench/probe_t10.py REPORT.json[.gz] MODEL.pt --data data/heldout32 [--kind random] [--n 20] [-o out.json]
+    python bench/probe_t10.py REPORT.json[.gz] MODEL.pt --data data/heldout32 [--kind random] [--n 20]
+        [--device cuda] [-o out.json]
 """
 import argparse
 import gzip
@@ -99,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=None, help="the first N selected cells")
     ap.add_argument("--t", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
     ap.add_argument("-o", "--output", default=None, help="per-cell JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -107,11 +109,11 @@ def main(argv=None):
     cells = [c for c in rep["cells"] if (args.kind is None or c.get("kind") == args.kind)
              and (args.family is None or c["family"] == args.family)][:args.n]
     ds, _ = open_dataset(args.data)
-    net = load_eval_model("m", args.model).net
+    net = load_eval_model("m", args.model, args.device).net
     rows = []
     for c in cells:
         tc = time.perf_counter()
-        op = cell_operator(ds.cell(c["row"]), dtype=torch.float64, device="cpu", soft=1e-6)
+        op = cell_operator(ds.cell(c["row"]), dtype=torch.float64, device=args.device, soft=1e-6)
         C_ref = np.asarray(c["C_ref"])
 
         def delta(u):
