@@ -30,17 +30,19 @@ def load_report(path):
         return json.load(fh)
 
 
+def cell_delta(cell, label, t):
+    """delta of model ``label`` at t embedded steps in one cell of a report."""
+    m = cell.get("models", {}).get(label)
+    if m is None:
+        raise KeyError(f"model {label!r} is not in the report (it has {sorted(cell.get('models', {}))})")
+    if str(t) not in m:
+        raise KeyError(f"model {label!r} was not evaluated at t = {t} (it has t = {sorted(m)})")
+    return float(m[str(t)]["delta"])
+
+
 def deltas(report, label, t):
     """{cell id: (family, delta, kind or None)} of one model at t embedded steps."""
-    out = {}
-    for c in report["cells"]:
-        m = c.get("models", {}).get(label)
-        if m is None:
-            raise KeyError(f"model {label!r} is not in the report (it has {sorted(c.get('models', {}))})")
-        if str(t) not in m:
-            raise KeyError(f"model {label!r} was not evaluated at t = {t} (it has t = {sorted(m)})")
-        out[c["id"]] = (c["family"], float(m[str(t)]["delta"]), c.get("kind"))
-    return out
+    return {c["id"]: (c["family"], cell_delta(c, label, t), c.get("kind")) for c in report["cells"]}
 
 
 def compare(series, t=10, by_kind=False):

@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare_eval import load_report  # noqa: E402
+from compare_eval import cell_delta, load_report  # noqa: E402
 
 DEFAULT_BINS = (0.0, 0.03, 0.06, 0.1, 0.15, 0.25)
 
@@ -33,15 +33,10 @@ def cells_of(report, label, t):
     """[(family, kind, s, delta)] of one model at t steps; s = ||C_ref||_F / E."""
     out = []
     for c in report["cells"]:
-        m = c.get("models", {}).get(label)
-        if m is None:
-            raise KeyError(f"model {label!r} is not in the report (it has {sorted(c.get('models', {}))})")
-        if str(t) not in m:
-            raise KeyError(f"model {label!r} was not evaluated at t = {t} (it has t = {sorted(m)})")
+        d = cell_delta(c, label, t)
         if c.get("C_ref") is None:
             raise KeyError(f"cell {c.get('id')!r} has no C_ref (a report of hpc.evaluate -o records it)")
-        out.append((c["family"], c.get("kind") or "?", frobenius(c["C_ref"]) / float(c.get("E", 1.0)),
-                    float(m[str(t)]["delta"])))
+        out.append((c["family"], c.get("kind") or "?", frobenius(c["C_ref"]) / float(c.get("E", 1.0)), d))
     return out
 
 

@@ -71,7 +71,11 @@ def test_family_means_agree_with_compare_eval_on_a_shipped_report():
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"cells": [_cell(0, "tpms", "sheet", 0.3, 0.01)]}))
-    for args, word in [((str(path), "nope"), "'nope' is not in the report"),
+    no_ref = _cell(1, "tpms", "sheet", 0.3, 0.01)
+    del no_ref["C_ref"]
+    (tmp_path / "noref.json").write_text(json.dumps({"cells": [no_ref]}))
+    for args, word in [((str(tmp_path / "noref.json"), "m"), "'set:tpms-1' has no C_ref"),
+                       ((str(path), "nope"), "'nope' is not in the report"),
                        ((str(path), "m", "--t", "4"), "not evaluated at t = 4"),
                        ((str(path), "m", "--bins", "0.1", "0.05"), "must increase"),
                        ((str(tmp_path / "missing.json"), "m"), "missing.json")]:
