@@ -31,6 +31,8 @@ def frobenius(C):
 
 def cells_of(report, label, t):
     """[(family, kind, s, delta)] of one model at t steps; s = ||C_ref||_F / E."""
+    if not report.get("cells"):
+        raise ValueError("the report has no cells (write one with python -m hpc.evaluate -o)")
     out = []
     for c in report["cells"]:
         d = cell_delta(c, label, t)

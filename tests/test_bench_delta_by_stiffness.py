@@ -74,7 +74,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     no_ref = _cell(1, "tpms", "sheet", 0.3, 0.01)
     del no_ref["C_ref"]
     (tmp_path / "noref.json").write_text(json.dumps({"cells": [no_ref]}))
+    (tmp_path / "empty.json").write_text(json.dumps({"cells": []}))
     for args, word in [((str(tmp_path / "noref.json"), "m"), "'set:tpms-1' has no C_ref"),
+                       ((str(tmp_path / "empty.json"), "m"), "the report has no cells"),
                        ((str(path), "nope"), "'nope' is not in the report"),
                        ((str(path), "m", "--t", "4"), "not evaluated at t = 4"),
                        ((str(path), "m", "--bins", "0.1", "0.05"), "must increase"),
