@@ -79,6 +79,34 @@ def default_output(cell_path: str) -> str:
     return stem + ".result.h5"
 
 
+def check_output(path):
+    """InputError unless ``path`` can be written: its directory exists and is writable and
+    it is not a directory (checked before the solve, so that no work is lost to a typo)."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"-o {path}: is a directory")
+    if not os.path.isdir(d):
+        raise InputError(f"-o {path}: directory {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise InputError(f"-o {path}: directory {d} is not writable")
+
+
+def check_device(device):
+    """InputError unless ``device`` is cpu or an available CUDA device."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device}: not a torch device (cpu, cuda, cuda:1 ...)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: only cpu and cuda devices are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def _world():
     """(rank, size) of the launcher, without importing MPI for serial runs."""
     launched = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"))
@@ -105,7 +133,8 @@ def load(args, rank_size):
             cell.validate()
             domain = None
     except CellError as exc:
-        raise InputError(f"{args.cell}: {exc}") from None
+        msg = str(exc)
+        raise InputError(msg if args.cell in msg else f"{args.cell}: {msg}") from None
     return domain, cell
 
 
@@ -186,7 +215,8 @@ def cgins_warm_start(args):
 
 def format_report(res) -> str:
     names = ["11", "22", "33", "23", "13", "12"]
-    method = f"PETSc CG + {res.preconditioner}" if res.solver == "petsc" else f"{res.preconditioner}-PCG"
+    method = (f"PETSc {res.extra.get('ksp_type', 'cg').upper()} + {res.preconditioner}" if res.solver == "petsc"
+              else f"{res.preconditioner}-PCG")
     if res.solver.startswith("cgins"):
         method = f"CGINS warm start + {method}"
     lines = [f"C^H (Voigt {','.join(names)}, engineering shear), {res.shape[0]}x{res.shape[1]}x{res.shape[2]}, "
@@ -239,10 +269,11 @@ def result_json(res, out_path) -> dict:
             "iterations": res.iterations, "residuals": res.residuals, "converged": res.converged,
             "chom_error_estimate": res.error_estimate, "precision": res.precision,
             "preconditioner": res.preconditioner, "times": res.times, "shape": list(res.shape),
-            "ranks": res.domain.get("ranks", 1), "allocator": active_allocator(),
+            "solver": res.solver, "ranks": res.domain.get("ranks", 1), "allocator": active_allocator(),
             "operator_apply": res.extra.get("operator_apply"), "output": out_path,
             **{k: res.extra[k] for k in ("model", "model_sha256", "time_inference", "iterations_zero_start",
-                                         "iterations_saved", "time_zero_start", "time_saved") if k in res.extra}}
+                                         "iterations_saved", "time_zero_start", "time_saved", "ksp_type",
+                                         "pc_type", "options", "converged_reason") if k in res.extra}}
 
 
 def main(argv=None) -> int:
@@ -251,11 +282,13 @@ def main(argv=None) -> int:
     rank, size = _world()
     logging.basicConfig(level=logging.INFO if (args.verbose and rank == 0) else logging.WARNING,
                         format="%(message)s", stream=sys.stderr)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
     out_path = args.output or default_output(args.cell)
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise InputError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+            torch.set_num_threads(args.threads)
         for name in ("rtol", "ctol", "soft"):
             v = getattr(args, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
@@ -267,9 +300,8 @@ def main(argv=None) -> int:
                              f"--solver cgins, not {args.solver}")
         if os.path.abspath(out_path) == os.path.abspath(args.cell):
             raise InputError("the output file would overwrite the input")
-        import torch
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(f"--device {args.device}: CUDA is not available on this machine")
+        check_output(out_path)
+        check_device(args.device)
         domain, cell = load(args, (rank, size))
     except InputError as exc:
         if rank == 0:
@@ -281,6 +313,11 @@ def main(argv=None) -> int:
     if args.solver == "cgins":
         try:
             warm = cgins_warm_start(args)
+            shape = tuple(domain.global_shape) if domain is not None else np.shape(cell.phases)
+            div = 1 << warm.net.cfg.depth
+            if any(s % div for s in shape):
+                raise InputError(f"--solver cgins: the model needs a grid divisible by 2^depth = {div}, "
+                                 f"the cell is {'x'.join(map(str, shape))}")
         except InputError as exc:
             if rank == 0:
                 print(f"error: {exc}", file=sys.stderr)
@@ -301,10 +338,15 @@ def main(argv=None) -> int:
     progress = Progress(enabled=(rank == 0 and not args.quiet and (sys.stderr.isatty() or args.verbose)),
                         tty=sys.stderr.isatty())
     if args.solver == "petsc":
-        from solver.petsc_ref import petsc_homogenize
-        res = petsc_homogenize(petsc_input(args, cell, size), rtol=args.rtol, pc=args.petsc_pc,
-                               options=args.petsc_options.split() or None, soft=args.soft,
-                               maxiter=args.maxiter, keep_fields=args.fields)
+        from solver.petsc_ref import PetscSolveError, petsc_homogenize
+        try:
+            res = petsc_homogenize(petsc_input(args, cell, size), rtol=args.rtol, pc=args.petsc_pc,
+                                   options=args.petsc_options.split() or None, soft=args.soft,
+                                   maxiter=args.maxiter, keep_fields=args.fields)
+        except PetscSolveError as exc:
+            if rank == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAIL
     else:
         res = homogenize(cell, rtol=args.rtol, ctol=args.ctol, maxiter=args.maxiter,
                          precision=args.precision, device=args.device,
@@ -335,7 +377,7 @@ def main(argv=None) -> int:
         if args.fields and domain is None:
             phases = cell.phases
         write_result(out_path, res, input_path=args.cell, input_sha=sha256_of(args.cell),
-                     displacement=disp, phases=phases, size=cell.size)
+                     displacement=disp, phases=phases, size=cell.size, materials=(cell.E, cell.nu))
         if args.json:
             print(json.dumps(result_json(res, out_path)))
         else:

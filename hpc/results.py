@@ -10,11 +10,16 @@
                     iterations, residuals (per load case), converged,
                     chom_error_estimate, chom_error_estimate_cases (per load case),
                     time_setup/solve/total, ranks, dims, devices, version, allocator,
-                    input, input_sha256, shape, soft, and what the solver adds
+                    input, input_sha256, shape, soft, size (the cell's edge lengths),
+                    E and nu (per phase: the materials the solve used, after any
+                    --E / --nu override), and what the solver adds
                     (multigrid: levels, cycle, smoother; operator_apply; groups;
                     cgins: model, model_sha256, time_inference; with --baseline also
                     iterations_zero_start, iterations_saved (per load case), time_zero_start,
-                    time_saved, zero_start_converged, zero_start_chom_rel_diff)
+                    time_saved, zero_start_converged, zero_start_chom_rel_diff;
+                    petsc: ksp_type, pc_type, converged_reason (per load case),
+                    petsc_version, options (JSON: every option set under the prefix
+                    homog_, the built-in GAMG defaults and the user's --petsc-options))
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ def sha256_of(path) -> str:
     return h.hexdigest()
 
 
-def result_attrs(res, input_path=None, input_sha=None) -> dict:
+def result_attrs(res, input_path=None, input_sha=None, size=None, materials=None) -> dict:
     a = {
         "convention": CONVENTION,
         "solver": res.solver,
@@ -82,11 +87,20 @@ def result_attrs(res, input_path=None, input_sha=None) -> dict:
         a["input"] = os.path.abspath(str(input_path))
     if input_sha is not None:
         a["input_sha256"] = input_sha
+    if size is not None:
+        a["size"] = np.asarray(size, dtype=np.float64)
+    if materials is not None:
+        a["E"] = np.asarray(materials[0], dtype=np.float64)
+        a["nu"] = np.asarray(materials[1], dtype=np.float64)
     for k, v in res.extra.items():
         if k == "history":                                 # written as JSON by write_result
             continue
         if isinstance(v, (int, float, str, bool)):
             a[k] = v
+        elif isinstance(v, dict):
+            a[k] = json.dumps(v, sort_keys=True)
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v):
+            a[k] = np.asarray(v, dtype=h5py.string_dtype())
         elif (isinstance(v, (list, tuple)) and v
               and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
             a[k] = np.asarray(v, dtype=np.int64 if all(isinstance(x, int) for x in v) else np.float64)
@@ -107,15 +121,22 @@ def total_displacement(chi: np.ndarray, size) -> np.ndarray:
 
 
 def _atomic_path(path):
+    """A temporary file beside ``path``, for os.replace onto it once written, with the
+    mode an ordinary open() would give (mkstemp makes 0600: a result shared on a cluster
+    must be readable by the group as any other file is)."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return tmp
 
 
 def write_result(path, res, input_path=None, input_sha=None, displacement=None, phases=None,
-                 size=(1.0, 1.0, 1.0)) -> None:
-    """Write the result HDF5 (and the .xdmf sidecar when fields are given) atomically."""
+                 size=(1.0, 1.0, 1.0), materials=None) -> None:
+    """Write the result HDF5 (and the .xdmf sidecar when fields are given) atomically;
+    ``materials``: (E, nu) per phase, recorded with ``size`` in the attributes."""
     tmp = _atomic_path(path)
     try:
         with h5py.File(tmp, "w") as fh:
@@ -128,7 +149,7 @@ def write_result(path, res, input_path=None, input_sha=None, displacement=None, 
                                   chunks=True, compression=None)
                 if phases is not None:
                     fh.create_dataset("phases", data=np.asarray(phases).astype(np.uint16))
-            for k, v in result_attrs(res, input_path, input_sha).items():
+            for k, v in result_attrs(res, input_path, input_sha, size=size, materials=materials).items():
                 fh.attrs[k] = v
             fh.attrs["history"] = json.dumps(res.extra.get("history", [])[-2000:])
         if displacement is not None:

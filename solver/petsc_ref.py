@@ -53,7 +53,8 @@ PETSc's own defaults); a CG estimate (-mg_levels_esteig_ksp_type cg) stagnated
 (> 300 iterations) on a gyroid. GAMG_DEFAULTS below (per-level 30-step GMRES
 estimate, bounds [0.1, 1.2] x lambda_max, SA estimate off) converged on all of them,
 on 1 and 2 ranks, in 23-68 iterations at rtol 1e-8. Every load case's converged
-reason is checked; a negative one raises ``PetscSolveError`` with its name.
+reason is checked: DIVERGED_MAX_IT makes the result not converged, any other negative
+one raises ``PetscSolveError`` with its name.
 """
 from __future__ import annotations
 
@@ -405,7 +406,9 @@ def petsc_homogenize(cell, rtol: float = 1e-6, ksp: str = "cg", pc: str = "gamg"
     ranks return the same result. ``keep_fields``: chi (6, 3, n_x, n_y, n_z) numpy on
     rank 0 (gathered; modest sizes only).
 
-    Raises PetscSolveError (with the KSPConvergedReason name) if a load case fails.
+    A load case that reaches ``maxiter`` (DIVERGED_MAX_IT) gives a result with
+    ``converged = False``, as solver.pcg does; any other failure of a load case raises
+    PetscSolveError (with the KSPConvergedReason name).
     """
     PETSc = _petsc()
     t0 = time.perf_counter()
@@ -454,6 +457,7 @@ def _setup_and_solve(system, k, ksp, pc, rtol, inserted, options_prefix, monitor
     t_setup = time.perf_counter() - t0
 
     chi, iters, res, reasons, history = [], [], [], [], []
+    converged = True
     r = system.f[0].duplicate()
     for i, fi in enumerate(system.f):
         x = fi.duplicate()
@@ -467,11 +471,13 @@ def _setup_and_solve(system, k, ksp, pc, rtol, inserted, options_prefix, monitor
         k.solve(fi, x)
         reason = k.getConvergedReason()
         its = k.getIterationNumber()
-        if reason < 0:
+        if reason == PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT:
+            converged = False                   # as solver.pcg at maxiter: a result, not converged
+        elif reason < 0:
             raise PetscSolveError(
                 f"PETSc KSP {k.getType()} + PC {k.getPC().getType()} failed on load case {i}: "
                 f"{reason_name(reason)} after {its} iterations (rtol {rtol:g})"
-                + (f"; try pc='jacobi' or other -{options_prefix}mg_levels_* options"
+                + (f"; try the jacobi PC (--petsc-pc jacobi) or other -{options_prefix}mg_levels_* options"
                    if k.getPC().getType() == "gamg" else ""))
         system.nullspace.remove(x)
         system.A.mult(x, r)
@@ -500,8 +506,8 @@ def _setup_and_solve(system, k, ksp, pc, rtol, inserted, options_prefix, monitor
         x.destroy()
     log.info("PETSc %s/%s on %d ranks: iterations %s, %.2fs", ksp, pc_type, domain["ranks"], iters, t_total)
     return HomogenizationResult(
-        C=C, iterations=iters, residuals=res, converged=True, error_estimate=math.nan,
+        C=C, iterations=iters, residuals=res, converged=converged, error_estimate=math.nan,
         error_estimate_cases=[math.nan] * 6, precision="float64", solver="petsc",
-        preconditioner=_PC_NAMES.get(pc, pc), rtol=rtol, ctol=None,
+        preconditioner=_PC_NAMES.get(pc_type, pc_type), rtol=rtol, ctol=None,
         times={"setup": t_setup, "solve": t_solve, "total": t_total}, shape=system.shape,
         device="cpu", domain=domain, soft=soft, chi=fields, extra=extra)

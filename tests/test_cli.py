@@ -92,6 +92,63 @@ def test_bad_flags_exit_2(tmp_path, capsys):
     assert not os.path.exists(str(tmp_path / "c.result.h5"))
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["-o", "{tmp}/nodir/r.h5"], "does not exist"),
+    (["-o", "{tmp}"], "is a directory"),
+    (["--device", "foo"], "not a torch device"),
+    (["--device", "meta"], "only cpu and cuda"),
+    (["--threads", "0"], "--threads"),
+    (["--solver", "cgins"], "divisible by 2^depth"),      # a 6^3 cell; the shipped model needs 4 | n
+])
+def test_bad_flags_are_caught_before_the_solve(flags, needle, tmp_path, capsys):
+    """one line, exit 2, nothing written: checked before any work that a typo would lose"""
+    p = str(tmp_path / "c.h5")
+    write_cell(Cell(two_phase(), [1.0, 2.0], [0.3, 0.3]), p)
+    before = set(os.listdir(tmp_path))
+    assert main([p, "-q"] + [f.format(tmp=tmp_path) for f in flags]) == EXIT_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_result_records_the_materials_size_and_petsc_options(tmp_path, capsys):
+    """--E / --nu / --size overrides change C^H, so the result file must say what was solved;
+    --solver petsc records the KSP and PC that ran, with every option set."""
+    p = str(tmp_path / "ph.npy")
+    np.save(p, two_phase())
+    out = str(tmp_path / "r.h5")
+    assert main([p, "-q", "--E", "1", "5", "--nu", "0.3", "0.2", "--size", "1", "2", "3", "-o", out,
+                 "--solver", "petsc", "--petsc-options", "-ksp_type gmres -pc_type jacobi"]) == EXIT_OK
+    assert "PETSc GMRES + jacobi" in capsys.readouterr().out
+    a = read_result(out)["attrs"]
+    assert list(a["E"]) == [1.0, 5.0] and list(a["nu"]) == [0.3, 0.2] and list(a["size"]) == [1.0, 2.0, 3.0]
+    assert a["solver"] == "petsc" and a["ksp_type"] == "gmres" and a["pc_type"] == "jacobi"
+    assert a["preconditioner"] == "jacobi"
+    opts = json.loads(a["options"])
+    assert opts["ksp_type"] == "gmres" and opts["pc_type"] == "jacobi"
+    reasons = list(a["converged_reason"])       # a laminate: some load cases need no iteration
+    assert len(reasons) == 6 and "CONVERGED_RTOL" in reasons and set(reasons) <= {"CONVERGED_RTOL", "ZERO_RHS"}
+
+
+def test_petsc_at_maxiter_is_unconverged_and_a_failure_is_one_line(tmp_path, capsys):
+    """--solver petsc keeps the exit-status contract of the PCG path: 3 and a result file
+    marked not converged at --maxiter; any other KSP failure is one line and exit 1."""
+    from hpc.homogenize import EXIT_FAIL
+    p = str(tmp_path / "c.h5")
+    ph = np.random.default_rng(0).integers(0, 2, size=(6, 6, 6)).astype(np.uint8)
+    write_cell(Cell(ph, [1.0, 20.0], [0.3, 0.3]), p)
+    out = str(tmp_path / "r.h5")
+    assert main([p, "-q", "--solver", "petsc", "--maxiter", "2", "-o", out]) == EXIT_UNCONVERGED
+    assert "not converged" in capsys.readouterr().err
+    a = read_result(out)["attrs"]
+    assert not bool(a["converged"]) and list(a["iterations"]) == [2] * 6
+    os.unlink(out)
+    assert main([p, "-q", "--solver", "petsc", "--petsc-options", "-ksp_divtol 0.5", "-o", out]) == EXIT_FAIL
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "DIVERGED_DTOL" in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(out)
+
+
 def test_unconverged_has_its_own_exit_status(tmp_path, capsys):
     p = str(tmp_path / "c.h5")
     ph = np.random.default_rng(0).integers(0, 2, size=(6, 6, 6)).astype(np.uint8)

@@ -135,11 +135,20 @@ def test_homogeneous_cell_is_exact_without_iterations():
 
 
 @pytest.mark.parametrize("opt", ["-ksp_max_it", "-homog_ksp_max_it"])
-def test_failed_solve_raises_with_reason_name(opt):
-    """also: a user option given with the prefix is the same option (not -homog_homog_...)"""
+def test_iteration_limit_gives_an_unconverged_result(opt):
+    """as solver.pcg at maxiter: a result with converged = False and the reason per case;
+    also: a user option given with the prefix is the same option (not -homog_homog_...)"""
     pr = _petsc()
-    with pytest.raises(pr.PetscSolveError, match="DIVERGED_MAX_IT"):
-        pr.petsc_homogenize(CELLS["tiny"](), rtol=1e-12, pc="jacobi", options=[opt, "2"])
+    res = pr.petsc_homogenize(CELLS["tiny"](), rtol=1e-12, pc="jacobi", options=[opt, "2"])
+    assert not res.converged
+    assert res.iterations == [2] * 6 and res.extra["converged_reason"] == ["DIVERGED_MAX_IT"] * 6
+    assert min(res.residuals) > 1e-12
+
+
+def test_failed_solve_raises_with_reason_name():
+    pr = _petsc()
+    with pytest.raises(pr.PetscSolveError, match="DIVERGED_DTOL"):
+        pr.petsc_homogenize(CELLS["tiny"](), rtol=1e-12, pc="jacobi", options=["-ksp_divtol", "0.5"])
 
 
 def test_user_options_pass_through_and_do_not_leak():
