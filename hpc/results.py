@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 
 from hpc.allocator import active_allocator
+from microstructures.atomic import chmod_like_open
 from solver.materials import unit_strain_tensor
 
 VERSION = "0.1.0"
@@ -127,9 +128,7 @@ def _atomic_path(path):
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    chmod_like_open(tmp)
     return tmp
 
 

@@ -13,6 +13,14 @@ from typing import Iterator
 from .cell import CellError
 
 
+def chmod_like_open(path) -> None:
+    """Give ``path`` (a temporary file from mkstemp, mode 0600) the mode an ordinary open()
+    would: 0666 less the umask, so that files shared on a cluster are readable as others are."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_output(path) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``, else delete it."""
@@ -29,9 +37,7 @@ def atomic_output(path) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        umask = os.umask(0)  # mkstemp makes 0600; use what an ordinary open() would give
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        chmod_like_open(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -30,6 +30,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from microstructures.atomic import chmod_like_open
 from solver.operator import ElasticityOperator
 
 from .loss import LossConfig, cgins_loss
@@ -92,6 +93,7 @@ def save_checkpoint(path: str, state: dict):
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
     try:
+        chmod_like_open(tmp)                    # not mkstemp's 0600: checkpoints are shared
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
             fh.flush()

@@ -60,6 +60,23 @@ def test_resume_gives_same_weights_as_uninterrupted_run(tmp_path):
     assert not [f for f in os.listdir(os.path.dirname(tc2.checkpoint)) if f.startswith(".tmp-")]
 
 
+def test_checkpoints_and_results_get_the_mode_of_an_ordinary_file(tmp_path):
+    """mkstemp makes 0600; a checkpoint or result shared on a cluster must be readable as
+    any file written with open() is (0666 less the umask)."""
+    from model.train import save_checkpoint
+    from hpc.results import _atomic_path
+    umask = os.umask(0o022)
+    try:
+        ck = str(tmp_path / "ck.pt")
+        save_checkpoint(ck, {"w": torch.zeros(2)})
+        assert os.stat(ck).st_mode & 0o777 == 0o644
+        tmp = _atomic_path(str(tmp_path / "r.h5"))
+        assert os.stat(tmp).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+    assert torch.equal(load_checkpoint(ck)["w"], torch.zeros(2))
+
+
 def test_shipped_configs_parse():
     from model.train import load_config
     here = os.path.join(os.path.dirname(__file__), "..", "configs")
