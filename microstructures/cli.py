@@ -197,8 +197,12 @@ def _check_output(path) -> None:
     if path is None:
         raise _UsageError("-o/--output is required")
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise _UsageError(f"cannot write {path}: it is a directory")
     if not os.path.isdir(directory):
         raise _UsageError(f"cannot write {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise _UsageError(f"cannot write {path}: directory {directory} is not writable")
 
 
 def _strut_topology(args):
@@ -272,10 +276,18 @@ def _cmd_generate(args) -> int:
     _check_output(args.output)
     if args.vti:
         _check_output(args.vti)
+        if os.path.abspath(args.vti) == os.path.abspath(args.output):
+            raise _UsageError(f"--vti {args.vti} is the -o file: give the .vti its own name")
     cell, solved = _generate(args)
-    write_cell(cell, args.output)
-    if args.vti:
+    if args.vti:                                # both or neither: the .vti first, removed if the cell fails
         write_vti(cell, args.vti)
+        try:
+            write_cell(cell, args.output)
+        except BaseException:
+            os.unlink(args.vti)
+            raise
+    else:
+        write_cell(cell, args.output)
     shape = "x".join(map(str, cell.shape))
     print(f"{args.output}: {cell.generator} {shape}, volume fraction {cell.volume_fraction:.4f}, {solved}")
     _warn_percolation(cell)

@@ -81,6 +81,28 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, args, f
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("vti,fragment", [("bad.h5", "is the -o file"), ("v.vti/", "is a directory"),
+                                          ("no/v.vti", "does not exist")])
+def test_bad_vti_is_caught_before_anything_is_written(tmp_path, capsys, vti, fragment):
+    """--vti equal to -o, a directory or a missing directory: one line, exit 2, and neither file"""
+    status = main(["tpms", "P", "--vf", "0.3", "-n", "8", "-o", str(tmp_path / "bad.h5"),
+                   "--vti", str(tmp_path) + os.sep + vti])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and fragment in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_cell_write_takes_the_vti_with_it(tmp_path, capsys, monkeypatch):
+    import microstructures.cli as cli
+
+    def fail(cell, path):
+        raise OSError("disk full")
+    monkeypatch.setattr(cli, "write_cell", fail)
+    with pytest.raises(OSError):
+        main(["tpms", "P", "--vf", "0.3", "-n", "8", "-o", str(tmp_path / "c.h5"), "--vti", str(tmp_path / "c.vti")])
+    assert os.listdir(tmp_path) == []
+
+
 def test_bad_argument_in_a_subprocess(tmp_path):
     r = run("tpms", "gyroid", "--vf", "1.5", "-o", tmp_path / "bad.h5")
     assert r.returncode == 2 and r.stderr == "python -m microstructures tpms: error: vf must lie in (0, 1), got 1.5\n"
