@@ -436,6 +436,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def bad_options(args) -> Optional[str]:
+    """Why the solver options or the table ``-o`` cannot be used, or None: checked before
+    the cluster starts, as python -m hpc.homogenize checks its flags (a bad table found
+    after the solves would lose them)."""
+    from microstructures.atomic import unwritable
+    for name in ("rtol", "ctol", "soft"):
+        v = getattr(args, name)
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            return f"--{name} must be a positive number, got {v}"
+    if args.maxiter < 1:
+        return f"--maxiter must be >= 1, got {args.maxiter}"
+    why = unwritable(args.output)
+    if why:
+        return why
+    if os.path.exists(args.output):
+        try:
+            rows = read_table(args.output)
+            lacking = sorted({"path", "status", "input_sha256"} - set(rows[0])) if rows else []
+            if lacking:
+                raise KeyError(f"no column {', '.join(lacking)}")
+        except Exception as exc:  # csv, h5py and json errors of a file that is not our table
+            return (f"{args.output} exists and is not a table written by hpc.batch "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                    f"move it or name another -o")
+    return None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
@@ -458,6 +485,10 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     if args.retries < 0 or args.threads_per_worker < 1:
         log.error("error: --retries must be >= 0 and --threads-per-worker >= 1")
+        return EXIT_USAGE
+    why = bad_options(args)
+    if why:
+        log.error("error: %s", why)
         return EXIT_USAGE
     options = dict(rtol=args.rtol, ctol=args.ctol, maxiter=args.maxiter, precision=args.precision,
                    preconditioner=args.preconditioner, soft=args.soft)

@@ -80,15 +80,12 @@ def default_output(cell_path: str) -> str:
 
 
 def check_output(path):
-    """InputError unless ``path`` can be written: its directory exists and is writable and
-    it is not a directory (checked before the solve, so that no work is lost to a typo)."""
-    d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise InputError(f"-o {path}: is a directory")
-    if not os.path.isdir(d):
-        raise InputError(f"-o {path}: directory {d} does not exist")
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise InputError(f"-o {path}: directory {d} is not writable")
+    """InputError unless ``path`` can be written (checked before the solve, so that no
+    work is lost to a typo)."""
+    from microstructures.atomic import unwritable
+    why = unwritable(path)
+    if why:
+        raise InputError(f"-o: {why}")
 
 
 def check_device(device):

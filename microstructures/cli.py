@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from . import generators
+from .atomic import unwritable
 from .cell import Cell, CellError
 from .io import read_cell, write_cell
 from .percolation import connectivity
@@ -196,13 +197,9 @@ def _triple_or_scalar(values, name):
 def _check_output(path) -> None:
     if path is None:
         raise _UsageError("-o/--output is required")
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or path.endswith(os.sep):
-        raise _UsageError(f"cannot write {path}: it is a directory")
-    if not os.path.isdir(directory):
-        raise _UsageError(f"cannot write {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise _UsageError(f"cannot write {path}: directory {directory} is not writable")
+    why = unwritable(path)
+    if why:
+        raise _UsageError(why)
 
 
 def _strut_topology(args):

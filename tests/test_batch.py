@@ -177,6 +177,27 @@ def test_bad_usage_exit_status(tmp_path):
     assert batch.main([str(tmp_path / "x.h5"), "-o", str(tmp_path / "r.txt")]) == batch.EXIT_USAGE
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["-o", "{tmp}/nodir/r.csv"], "does not exist"),
+    (["-o", "{tmp}/cell.h5"], "is not a table written by hpc.batch"),     # a cell, not a table
+    (["-o", "{tmp}/notes.csv"], "is not a table written by hpc.batch"),
+    (["-o", "{tmp}/r.csv", "--soft", "-1"], "--soft must be a positive number"),
+    (["-o", "{tmp}/r.csv", "--rtol", "nan"], "--rtol must be a positive number"),
+    (["-o", "{tmp}/r.csv", "--maxiter", "0"], "--maxiter must be >= 1"),
+])
+def test_bad_options_and_tables_are_caught_before_the_cluster_starts(flags, needle, tmp_path, caplog, monkeypatch):
+    """exit 2 with one error line, and no solve: a bad -o found after the solves would lose
+    them (the cluster is never started: local_cluster fails the test if called)"""
+    write_cell(laminate(n=4), str(tmp_path / "cell.h5"))
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    before = sorted(os.listdir(tmp_path))
+    monkeypatch.setattr(batch, "local_cluster", lambda *a, **k: pytest.fail("the cluster was started"))
+    assert batch.main([str(tmp_path / "cell.h5"), "-q"] + [f.format(tmp=tmp_path) for f in flags]) == batch.EXIT_USAGE
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and needle in errors[0], errors
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_slurm_cluster_job_script():
     """--slurm: the dask-jobqueue job script asks for what the flags say (no jobs started)."""
     args = batch.build_parser().parse_args(["c.h5", "--slurm", "--queue", "gpu", "--cores", "8",
