@@ -159,7 +159,8 @@ def generated_cells(spec: dict):
 def training_cells(data: dict, args):
     """The training cells after the rules of the module docstring, and a description."""
     data = dict(data or {})
-    root = args.data or (None if args.generate or args.resolution else data.get("train"))
+    generate = args.generate is not None or args.resolution is not None
+    root = args.data or (None if generate else data.get("train"))
     if root:
         from model.data import ShardedDataset, shard_files
         if not shard_files(root):
@@ -179,9 +180,9 @@ def training_cells(data: dict, args):
                           "generated in memory")
     spec = dict(data.get("generate") or {})
     spec.setdefault("n", int(data.get("resolution", 16)))
-    if args.resolution:
+    if args.resolution is not None:
         spec["n"] = args.resolution
-    if args.generate:
+    if args.generate is not None:
         spec["samples_per_family"] = args.generate
     spec.setdefault("samples_per_family", 4)
     cells = generated_cells(spec)
@@ -232,7 +233,19 @@ def configure(args):
         v = getattr(args, flag)
         if v is not None:
             setattr(tc, field, v)
+    for name, v in (("train.steps (--steps)", tc.steps), ("train.batch_size (--batch-size)", tc.batch_size),
+                    ("train.checkpoint_every (--checkpoint-every)", tc.checkpoint_every),
+                    ("--threads", args.threads), ("--generate", args.generate), ("--resolution", args.resolution)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}")
+    if args.resolution is not None and args.resolution % (1 << mc.depth):
+        raise ConfigError(f"--resolution {args.resolution}: the model needs a multiple of "
+                          f"2^depth = {1 << mc.depth}")
+    if str(tc.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {tc.device}: CUDA is not available on this machine (--device cpu)")
     out = args.out or os.path.dirname(tc.checkpoint) or "."
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out}: exists and is not a directory")
     stem = os.path.splitext(os.path.basename(tc.checkpoint))[0] or "cgins"
     tc.checkpoint = os.path.join(out, stem + ".pt")
     tc.log_file = os.path.join(out, stem + ".csv")
@@ -258,9 +271,9 @@ def configure(args):
 def run(args) -> tuple:
     """Train after ``args`` (build_parser()); returns (the bare CGINS model, last log row,
     rank, world). Joins and leaves the process group."""
+    mc, lc, tc, rest = configure(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    mc, lc, tc, rest = configure(args)
     dist_cfg = rest.get("distributed") or {}
     launch = distributed.launch_info()
     if tc.batch_size % launch.world:

@@ -335,7 +335,13 @@ def load_config(path: str):
     import yaml
 
     with open(path) as fh:
-        d = yaml.safe_load(fh) or {}
+        try:
+            d = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"the configuration must be a mapping of sections (model, loss, train, data), "
+                         f"got a {type(d).__name__}")
     rest = {k: v for k, v in d.items() if k not in ("model", "loss", "train")}
     return (CGINSConfig.from_dict(d.get("model", {})), LossConfig.from_dict(d.get("loss", {})),
             TrainConfig.from_dict(d.get("train", {})), rest)

@@ -93,6 +93,35 @@ def test_bad_config_and_uneven_batch_exit_2(tmp_path):
                                str(tmp_path / "nowhere")]) == hpc_train.EXIT_CONFIG
 
 
+@pytest.mark.parametrize("flags,text,needle", [
+    (["--batch-size", "0"], None, "train.batch_size"),
+    (["--checkpoint-every", "0"], None, "train.checkpoint_every"),
+    (["--steps", "0"], None, "train.steps"),
+    (["--steps", "-3"], None, "train.steps"),
+    (["--generate", "0"], None, "--generate"),
+    (["--resolution", "0"], None, "--resolution"),
+    (["--resolution", "9"], None, "2^depth"),
+    (["--threads", "0"], None, "--threads"),
+    ([], "model: [unclosed\n", "not valid YAML"),
+    ([], "- a\n- b\n", "must be a mapping"),
+    (["--out", "{tmp}/afile"], None, "not a directory"),
+] + ([(["--device", "cuda"], None, "CUDA is not available")] if not torch.cuda.is_available() else []))
+def test_bad_flags_and_files_are_one_error_line_and_exit_2(flags, text, needle, tmp_path, caplog):
+    """refused before anything is written: no traceback, no config.yaml, no checkpoint"""
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=1)
+    if text is not None:
+        with open(cfg, "w") as fh:
+            fh.write(text)
+    (tmp_path / "afile").write_text("x")
+    out = ["--out", str(tmp_path / "run")] if "--out" not in flags else []
+    before = sorted(os.listdir(tmp_path))
+    with single_process_env():
+        assert hpc_train.main([cfg] + out + [f.format(tmp=tmp_path) for f in flags]) == hpc_train.EXIT_CONFIG
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and needle in errors[0] and "\n" not in errors[0], errors
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     steps = 16
     cfg = tiny_config(tmp_path / "tiny.yaml", steps=steps, checkpoint_every=4)
