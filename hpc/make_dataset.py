@@ -54,13 +54,21 @@ def main(argv=None) -> int:
         if args.config:
             import yaml
             with open(args.config) as fh:
-                y = yaml.safe_load(fh) or {}
+                try:
+                    y = yaml.safe_load(fh) or {}
+                except yaml.YAMLError as e:
+                    raise ValueError(f"{args.config}: not valid YAML ({' '.join(str(e).split())})") from None
+            if not isinstance(y, dict) or not isinstance(y.get("data", y), dict):
+                raise ValueError(f"{args.config}: the DataConfig fields must be a mapping (top level or "
+                                 f"under 'data:')")
             d = dict(y.get("data", y))
         for key in ("name", "split", "seed", "n", "samples_per_family", "shard_size", "families", "out_dir"):
             v = getattr(args, key)
             if v is not None:
                 d[key] = v
         cfg = DataConfig.from_dict(d)
+        if args.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0: in this process), got {args.workers}")
     except (OSError, ValueError, TypeError) as e:
         log.error("error: %s", e)
         return EXIT_CONFIG

@@ -221,6 +221,12 @@ def test_make_dataset_cli(tmp_path):
     ds = ShardedDataset(str(out))
     assert len(ds) == 4 and list(ds.families) == ["tpms", "shell"] * 2
     assert main(["--name", "c", "--n", "2", "--workers", "0", "--out-dir", str(out), "-q"]) == 2
+    assert main(["--name", "c", "--n", "8", "--workers", "-1", "--out-dir", str(tmp_path / "w"), "-q"]) == 2
+    for text in ("data: [unclosed\n", "- 1\n- 2\n", "data: 3\n"):      # not YAML; not mappings
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        assert main([str(bad), "--workers", "0", "--out-dir", str(tmp_path / "b"), "-q"]) == 2, text
+    assert not (tmp_path / "w").exists() and not (tmp_path / "b").exists()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in ("train", "heldout", "tiny"):
         cfg = DataConfig.from_yaml(os.path.join(root, "configs", f"data_{name}.yaml"))
