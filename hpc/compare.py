@@ -22,6 +22,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import os
 import resource
 import shlex
@@ -220,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_cell(path) -> None:
+    """InputError unless ``path`` is a valid cell file (what every solver row would read)."""
+    from microstructures.cell import CellError
+    from microstructures.io import read_cell
+    try:
+        read_cell(path).validate()
+    except CellError as exc:
+        msg = str(exc)
+        raise InputError(msg if path in msg else f"{path}: {msg}") from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -238,6 +250,11 @@ def main(argv=None) -> int:
             raise InputError(f"unknown solver(s) {', '.join(bad)} (choose from {', '.join(SOLVERS)})")
         if args.ranks < 1:
             raise InputError(f"--ranks must be >= 1, got {args.ranks}")
+        for name in ("rtol", "reference_rtol", "timeout"):
+            v = getattr(args, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise InputError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+        check_cell(args.cell)                  # once here, not once per solver subprocess
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

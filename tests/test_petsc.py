@@ -208,3 +208,20 @@ def test_compare_end_to_end(tmp_path):
     assert rows["petsc-gamg"]["ranks"] == 2 and rows["jacobi"]["ranks"] == 1
     table = format_table(report)
     assert all(name in table for name in rows) and "reference:" in table
+
+
+@pytest.mark.parametrize("case", ["not_hdf5", "rtol", "no_file"])
+def test_compare_refuses_bad_input_before_spawning_solvers(case, tmp_path, capsys, monkeypatch):
+    """exit 2 with one line, and no solver subprocess (each would fail the same way)"""
+    from hpc import compare
+    from microstructures.io import write_cell
+    path = tmp_path / "a.h5"
+    if case == "not_hdf5":
+        path.write_text("not a cell")
+    else:
+        write_cell(lattice_cell((4, 4, 4), r=0.2), str(path))
+    args = [str(path if case != "no_file" else tmp_path / "none.h5")] + (["--rtol", "0"] if case == "rtol" else [])
+    monkeypatch.setattr(compare, "spawn_one", lambda *a, **k: pytest.fail("a solver was spawned"))
+    assert compare.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
