@@ -829,6 +829,14 @@ def _write_text_atomic(path: str, text: str):
 
 # --------------------------------------------------------------------------- the run
 
+DEFAULT_REFS = "references.h5"
+
+
+def refs_path(args) -> str:
+    """The reference cache: --refs, else references.h5 beside -o."""
+    return args.refs or os.path.join(os.path.dirname(os.path.abspath(args.output)), DEFAULT_REFS)
+
+
 def validate(args):
     """Check the flags that need no I/O; raises InputError."""
     if args.t is not None and any(t < 0 for t in args.t):
@@ -846,12 +854,14 @@ def validate(args):
         v = getattr(args, name)
         if not (v > 0 and math.isfinite(v)):
             raise InputError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
-    for name, path in (("-o", args.output), ("--markdown", args.markdown), ("--refs", args.refs)):
-        if path and os.path.isdir(path):
+    refs = refs_path(args)
+    for name, path in (("-o", args.output), ("--markdown", args.markdown), ("--refs", refs)):
+        if path and (os.path.isdir(path) or path.endswith(os.sep)):
             raise InputError(f"{name} {path}: is a directory")
-    paths = [os.path.abspath(p) for p in (args.output, args.markdown, args.refs) if p]
+    paths = [os.path.abspath(p) for p in (args.output, args.markdown, refs) if p]
     if len(set(paths)) < len(paths):
-        raise InputError("-o, --markdown and --refs must name different files")
+        raise InputError(f"-o, --markdown and the reference cache (--refs, default {DEFAULT_REFS} beside -o: "
+                         f"{refs}) must name different files")
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -877,8 +887,7 @@ def run(args, argv: Sequence[str]) -> dict:
         div = 1 << md.net.cfg.depth
         if any(s % div for s in shape):
             raise InputError(f"--models {md.label}: cells of {shape} are not divisible by 2^depth = {div}")
-    refs_path = args.refs or os.path.join(os.path.dirname(os.path.abspath(args.output)), "references.h5")
-    cache = ReferenceCache(refs_path)
+    cache = ReferenceCache(refs_path(args))
     if args.t is not None:
         t_per_model = {md.label: sorted(set(args.t)) for md in models}
     else:
@@ -960,7 +969,7 @@ def run(args, argv: Sequence[str]) -> dict:
                                if args.solve else None)},
         "models": [md.provenance() for md in models],
         "t_per_model": t_per_model,
-        "references": {"path": refs_path, "computed": cache.computed, "cached": cache.cached},
+        "references": {"path": refs_path(args), "computed": cache.computed, "cached": cache.cached},
         "aggregates": aggregates,
         "aggregates_kind": [r for md in models for t in t_per_model[md.label]
                             for r in aggregate_kind(report_cells, md.label, t)],

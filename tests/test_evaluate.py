@@ -199,6 +199,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, data_dir, models, capsys
     junk.write_text("not a checkpoint")
     yml = tmp_path / "missing.yaml"
     yml.write_text(yaml.safe_dump({"data": {"name": "nothing", "n": 16, "out_dir": str(tmp_path / "none")}}))
+    out = tmp_path / "o"
     cases = [
         ([str(tmp_path / "no_such_dir")], "no data-set shards"),
         ([str(yml)], "python -m hpc.make_dataset"),
@@ -208,13 +209,21 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, data_dir, models, capsys
         ([data_dir, "--models", f"=({models['full']}"], "LABEL=PATH"),
         ([data_dir, "--models", models["full"], "--vf-bins", "0.3", "0.2"], "--vf-bins"),
     ]
-    out = tmp_path / "o"
     for argv, msg in cases:
         rc = run_eval(*argv, "-o", out / "ev.json", "--markdown", out / "ev.md", "-q")
         err = capsys.readouterr().err.strip()
         assert rc == 2, (argv, err)
         assert err.startswith("error: ") and len(err.splitlines()) == 1 and msg in err, err
         assert not out.exists()
+    # -o onto the default reference cache beside it would replace the cache with the report
+    out.mkdir()
+    (out / "references.h5").write_text("the cache")
+    assert run_eval(data_dir, "--models", models["full"], "-o", out / "references.h5", "-q") == 2
+    err = capsys.readouterr().err.strip()
+    assert "must name different files" in err and len(err.splitlines()) == 1, err
+    assert (out / "references.h5").read_text() == "the cache"
+    out.joinpath("references.h5").unlink()
+    out.rmdir()
     # the real command line: exit status 2, one line
     r = subprocess.run([sys.executable, "-m", "hpc.evaluate", str(tmp_path / "no_such_dir"), "-o",
                         str(out / "ev.json")], cwd=ROOT, capture_output=True, text=True, timeout=120,
