@@ -186,7 +186,10 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 
 
 class _CGINSWarmStart:
-    """x0(op) for solver.homogenize from a trained CGINS checkpoint."""
+    """x0(op) for solver.homogenize from a trained CGINS checkpoint. The network sees the
+    whole cell: under MPI the Lame fields are gathered on rank 0, which predicts (with the
+    network's embedded PCG on a serial operator of the same cell) and sends every rank its
+    block; the solve itself stays distributed."""
 
     def __init__(self, path, device):
         from model.train import load_model
@@ -195,7 +198,17 @@ class _CGINSWarmStart:
 
     def __call__(self, op):
         from model.train import warm_start
-        return warm_start(self.net, op).to(op.dtype)
+        dom = op.domain
+        if getattr(dom, "size", 1) == 1:
+            return warm_start(self.net, op).to(op.dtype)
+        from hpc.parallel import gather_field, scatter_field
+        from solver.operator import ElasticityOperator
+        lam, mu = gather_field(dom, op.lam), gather_field(dom, op.mu)
+        full = None
+        if dom.rank == 0:
+            whole = ElasticityOperator(lam.to(op.device), mu.to(op.device), op.h)
+            full = warm_start(self.net, whole).to(op.dtype).cpu().numpy()
+        return scatter_field(dom, full, (6, 3), op.dtype, op.device)
 
 
 def cgins_warm_start(args):

@@ -219,6 +219,32 @@ def gather_field(domain, x_local: torch.Tensor, root: int = 0):
     return torch.from_numpy(full.reshape(lead + tuple(domain.global_shape)))
 
 
+def scatter_field(domain, x_full, lead, dtype, device, root: int = 0) -> torch.Tensor:
+    """Each rank's block (*lead, l_x, l_y, l_z) of the global field ``x_full`` (a numpy
+    array (*lead, n_x, n_y, n_z) on rank ``root``, ignored elsewhere): the reverse of
+    gather_field. Serial domains return x_full as a tensor."""
+    if getattr(domain, "size", 1) == 1:
+        return torch.as_tensor(np.asarray(x_full)).to(dtype=dtype, device=device)
+    comm = domain.comm
+    lead = tuple(int(v) for v in lead)
+    m = int(np.prod(lead))
+    mine = np.empty((m,) + tuple(domain.local_shape), dtype=np.float64)
+    if domain.rank == root:
+        full = np.asarray(x_full, dtype=np.float64).reshape((m,) + tuple(domain.global_shape))
+        for r in range(domain.size):
+            start, shp = domain.block(r)
+            sl = (slice(None),) + tuple(slice(s, s + n) for s, n in zip(start, shp))
+            if r == root:
+                mine[...] = full[sl]
+                continue
+            for i in range(m):         # one message per leading index: counts stay < 2**31
+                comm.Send(np.ascontiguousarray(full[(i,) + sl[1:]]), dest=r, tag=_GATHER_TAG + 1)
+    else:
+        for i in range(m):
+            comm.Recv(mine[i], source=root, tag=_GATHER_TAG + 1)
+    return torch.from_numpy(mine.reshape(lead + tuple(domain.local_shape))).to(dtype=dtype, device=device)
+
+
 # -- errors -----------------------------------------------------------------------------
 def run_collectively(fn, *args, comm=None, **kwargs):
     """fn(*args, **kwargs), ending every rank if it raises on any one.
