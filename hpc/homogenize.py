@@ -338,8 +338,9 @@ def main(argv=None) -> int:
             perc, span = connectivity(cell)
             bad = [ax for ax, ok in zip("xyz", perc) if not ok]
             if bad:
-                print(f"warning: the solid does not percolate along {', '.join(bad)}: "
-                      f"C^H will be near the soft-void stiffness there", file=sys.stderr)
+                print(f"warning: the solid does not percolate along {', '.join(bad)} "
+                      f"through face-connected voxels: C^H there rests on the soft void, or on voxels "
+                      f"that touch only at edges or corners (hinges that depend on the grid)", file=sys.stderr)
             elif span < 3:
                 print("warning: no single solid cluster spans three directions (separate rods or "
                       "plates): some modes of C^H will be near the soft-void stiffness", file=sys.stderr)

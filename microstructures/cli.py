@@ -254,8 +254,9 @@ def _warn_percolation(cell: Cell, conn=None) -> tuple[bool, bool, bool]:
     perc, rank = conn if conn is not None else connectivity(cell)
     missing = [ax for ax, ok in zip("xyz", perc) if not ok]
     if missing:
-        print(f"warning: the solid does not connect opposite faces in {', '.join(missing)}: "
-              "the stiffness there is that of the soft void material", file=sys.stderr)
+        print(f"warning: the solid does not connect opposite faces in {', '.join(missing)} "
+              "through face-connected voxels: the stiffness there rests on the soft void, or on voxels "
+              "that touch only at edges or corners (hinges that depend on the grid)", file=sys.stderr)
     elif rank < 3:
         print("warning: no single solid cluster spans three directions (separate rods or plates): "
               "some modes of the stiffness are those of the soft void material", file=sys.stderr)
