@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PETSc preconditioner for --solver petsc (default gamg)")
     p.add_argument("--petsc-options", default="",
                    help="extra PETSc options for --solver petsc, e.g. \"-ksp_monitor -pc_gamg_threshold 0.01\" "
-                        "(applied under the prefix homog_)")
+                        "(applied under the prefix homog_; a single option needs the = form: "
+                        "--petsc-options=-ksp_monitor)")
     p.add_argument("--model", default=None,
                    help="CGINS checkpoint for --solver cgins (default: models/cgins_default.pt)")
     p.add_argument("--baseline", action="store_true",
@@ -373,20 +374,21 @@ def main(argv=None) -> int:
                     device=args.device, preconditioner=args.preconditioner, soft=args.soft, domain=domain,
                     groups=args.groups)))
     progress.close()
-    disp = None
+    disp = phases = None
     if args.fields:
-        chi = res.chi
+        import torch
+        chi, phases = res.chi, cell.phases
         if domain is not None:
             from hpc.parallel import gather_field
-            chi = gather_field(domain, chi)
+            if args.solver != "petsc":          # PETSc gathers its fields on rank 0 itself
+                chi = gather_field(domain, chi)
+            phases = gather_field(domain, torch.from_numpy(np.ascontiguousarray(cell.phases)))
         if rank == 0:
             from hpc.results import total_displacement
-            disp = total_displacement(chi.cpu().numpy(), cell.size)
+            disp = total_displacement(np.asarray(chi.cpu() if torch.is_tensor(chi) else chi), cell.size)
+            phases = np.asarray(phases)
     if rank == 0:
         from hpc.results import sha256_of, write_result
-        phases = None
-        if args.fields and domain is None:
-            phases = cell.phases
         write_result(out_path, res, input_path=args.cell, input_sha=sha256_of(args.cell),
                      displacement=disp, phases=phases, size=cell.size, materials=(cell.E, cell.nu))
         if args.json:

@@ -13,7 +13,7 @@
                     input, input_sha256, shape, soft, size (the cell's edge lengths),
                     E and nu (per phase: the materials the solve used, after any
                     --E / --nu override), and what the solver adds
-                    (multigrid: levels, cycle, smoother; operator_apply; groups;
+                    (multigrid: one string naming its levels, cycle and smoother; operator_apply; groups;
                     cgins: model, model_sha256, time_inference; with --baseline also
                     iterations_zero_start, iterations_saved (per load case), time_zero_start,
                     time_saved, zero_start_converged, zero_start_chom_rel_diff;

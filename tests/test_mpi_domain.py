@@ -185,7 +185,9 @@ def test_peak_memory_per_rank_at_4_ranks_is_at_most_35_percent(mpi_available, tm
 def test_homogenize_cli_overrides_hold_on_two_ranks(mpi_available, tmp_path, solver):
     """`mpirun -n 2 python -m hpc.homogenize cell.h5 --size ... --E ...` computes what the
     serial run computes with the same overrides (the overrides once did not reach the
-    distributed cell), and the overrides do change C^H here (the check can fail)."""
+    distributed cell), and the overrides do change C^H here (the check can fail); with
+    --fields both write the same displacement and the cell's phases (PETSc's --fields once
+    crashed after the solve, and MPI runs left /phases out)."""
     from hpc.homogenize import main
     from hpc.results import read_result
     cell = gyroid_cell((12, 12, 12))
@@ -194,10 +196,16 @@ def test_homogenize_cli_overrides_hold_on_two_ranks(mpi_available, tmp_path, sol
     over = (["--size", "1", "1", "2", "--E"] + [str(2.0 * e) for e in cell.E]
             + ["--nu"] + [str(v) for v in cell.nu])
     assert main([str(tmp_path / "cell.h5"), *flags, "-o", str(tmp_path / "plain.h5")]) == 0
-    assert main([str(tmp_path / "cell.h5"), *flags, *over, "-o", str(tmp_path / "serial.h5")]) == 0
-    rc, so, se, _ = mpirun(2, "-m", "hpc.homogenize", str(tmp_path / "cell.h5"), *flags, *over,
+    assert main([str(tmp_path / "cell.h5"), *flags, *over, "--fields", "-o", str(tmp_path / "serial.h5")]) == 0
+    rc, so, se, _ = mpirun(2, "-m", "hpc.homogenize", str(tmp_path / "cell.h5"), *flags, *over, "--fields",
                            "-o", str(tmp_path / "mpi.h5"), timeout=240)
     assert rc == 0, f"rc {rc}:\n{so[-2000:]}\n{se[-2000:]}"
+    # --fields: the gathered displacement and phases (PETSc gathers its own fields)
+    import h5py
+    with h5py.File(tmp_path / "mpi.h5") as fp, h5py.File(tmp_path / "serial.h5") as fs:
+        assert np.array_equal(fp["phases"][()], cell.phases) and np.array_equal(fs["phases"][()], cell.phases)
+        up, us = fp["displacement"][()], fs["displacement"][()]
+        assert up.shape == (6, 3, 12, 12, 12) and np.abs(up - us).max() <= 1e-5 * np.abs(us).max()
     plain, ser, par = (read_result(str(tmp_path / f))["C"] for f in ("plain.h5", "serial.h5", "mpi.h5"))
     assert int(read_result(str(tmp_path / "mpi.h5"))["attrs"]["ranks"]) == 2
     scale = np.abs(ser).max()

@@ -43,3 +43,20 @@ def test_homogenize_sbatch(slurm, laminate_cell, tmp_path, ntasks):
     from solver import isotropic_voigt
     ref = laminate_closed_form(isotropic_voigt(1.0, 0.3), isotropic_voigt(10.0, 0.3), 0.5)
     assert np.allclose(res["C"], ref, rtol=1e-8, atol=1e-8 * np.abs(ref).max())
+
+
+def test_compare_sbatch_runs_the_petsc_rows_on_the_ranks_asked(slurm, laminate_cell, tmp_path):
+    """slurm/compare.sbatch: the PETSc rows are job steps of RANKS ranks of one MPI job
+    (srun --mpi=$SRUN_MPI), not RANKS separate one-rank solves; every row agrees with the
+    reference."""
+    job_out = str(tmp_path / "cmp.out")
+    env = f"ALL,CELL={laminate_cell},RANKS=2,SOLVERS=petsc-gamg,SRUN_MPI=pmix"   # (--export splits at commas)
+    r = slurm.sbatch(["--ntasks=2", "--mem-per-cpu=0", f"--output={job_out}", f"--export={env}",   # the node declares no memory
+                      os.path.join(ROOT, "slurm", "compare.sbatch")], cwd=ROOT)
+    log = _log(tmp_path, job_out)
+    assert r.returncode == 0, r.stderr + log
+    rows = {ln.split()[0]: ln.split() for ln in log.splitlines() if ln.split()[:1] == ["petsc-gamg"]}
+    assert set(rows) == {"petsc-gamg"}, log
+    assert rows["petsc-gamg"][1] == "2", log
+    assert all(float(r[-1]) <= 1e-5 for r in rows.values()), log
+    assert "reference: " in log
