@@ -253,3 +253,6 @@ def test_batch_dask_jobqueue_on_slurm(slurm, tmp_path):
     rows = batch.read_table(out)
     assert sorted(os.path.basename(x["path"]) for x in rows) == ["lam.h5", "p.h5"]
     assert all(x["status"] == "ok" for x in rows) and all(x["worker"].startswith("tcp://") for x in rows)
+    # the workers were a Slurm job (a LocalCluster would pass the checks above too)
+    jobs = subprocess.run(["scontrol", "show", "job"], env=slurm.env, capture_output=True, text=True).stdout
+    assert "JobName=dask-worker" in jobs, jobs[-2000:]

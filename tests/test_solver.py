@@ -67,6 +67,11 @@ def test_element_matrices_symmetric_psd_with_rigid_body_null_space():
         t = np.zeros(24)
         t[c::3] = 1
         assert np.abs(ke @ t).max() < 1e-12
+    for c in range(3):                                # infinitesimal rotations omega x X
+        w = np.zeros(3)
+        w[c] = 1.0
+        r = np.cross(w, X).ravel()
+        assert np.abs(ke @ r).max() < 1e-12 * np.abs(ke).max()
 
 
 # -- operator ----------------------------------------------------------------------
@@ -303,16 +308,23 @@ def random_inclusion_cell(rng, shape=(10, 10, 10)):
 
 
 def test_chom_symmetric_positive_definite_within_bounds(rng):
+    """The energy form makes any trial field's C symmetric, positive and below Voigt, so
+    those checks alone pass for an unconverged solve too: the oracle is the assembled
+    direct solve; the bounds then hold for the converged C^H, strictly inside them."""
     cell = random_inclusion_cell(rng)
     res = homogenize(cell, rtol=1e-9)
     C = res.C
+    assert res.converged
+    Cd, _ = direct_chom(cell.phases, cell.E, cell.nu, cell.size)
+    assert rel(C, Cd) <= 1e-8
     assert np.abs(C - C.T).max() <= 1e-12 * np.abs(C).max()
     assert np.linalg.eigvalsh(voigt_to_mandel(C)).min() > 0
     vf = np.bincount(cell.phases.ravel(), minlength=3) / cell.phases.size
     CV, CR = voigt_reuss_bounds(vf, cell.E, cell.nu)
     # Loewner order C_R <= C^H <= C_V (in Mandel form: a tensor inequality)
-    assert np.linalg.eigvalsh(voigt_to_mandel(CV - C)).min() >= -1e-9 * np.abs(C).max()
-    assert np.linalg.eigvalsh(voigt_to_mandel(C - CR)).min() >= -1e-9 * np.abs(C).max()
+    # (strictly: 0.30 and 0.38 of max|C| here; the do-nothing answer C = C_V would fail)
+    assert np.linalg.eigvalsh(voigt_to_mandel(CV - C)).min() >= 0.1 * np.abs(C).max()
+    assert np.linalg.eigvalsh(voigt_to_mandel(C - CR)).min() >= 0.1 * np.abs(C).max()
 
 
 def test_periodic_shift_leaves_chom_unchanged(rng):
