@@ -160,11 +160,12 @@ def test_shipped_widened_model_records_its_narrow_start(name, channels, base_nam
 @pytest.mark.parametrize("name,base_name,steps", [("cgins_wide32_long_t10", "cgins_wide32_t10", 1500),
                                                    ("cgins_wide32_more_t10", "cgins_wide32_long_t10", 900),
                                                    ("cgins_wide32_more2_t10", "cgins_wide32_more_t10", 800),
-                                                   ("cgins_wide32_more3_t10", "cgins_wide32_more2_t10", 700)])
+                                                   ("cgins_wide32_more3_t10", "cgins_wide32_more2_t10", 700),
+                                                   ("cgins_wide32_more4lo_t10", "cgins_wide32_more3_t10", 600)])
 def test_shipped_long_model_records_its_start_and_its_export(name, base_name, steps):
     """models/cgins_wide32_long_t10 trained models/cgins_wide32_t10 on, cgins_wide32_more_t10
-    trained that one on, cgins_wide32_more2_t10 that one and cgins_wide32_more3_t10 that one
-    (train.init_from, the same model config); all ship as exports
+    trained that one on, cgins_wide32_more2_t10 that one, cgins_wide32_more3_t10 that one and
+    cgins_wide32_more4lo_t10 that one (train.init_from, the same model config); all ship as exports
     (hpc.export_model: no optimizer state): each names its start with that file's sha256
     and its exported source, and loads."""
     from model.train import load_model
