@@ -52,13 +52,12 @@ def main(argv=None) -> int:
     try:
         d = {}
         if args.config:
-            import yaml
-            with open(args.config) as fh:
-                try:
-                    y = yaml.safe_load(fh) or {}
-                except yaml.YAMLError as e:
-                    raise ValueError(f"{args.config}: not valid YAML ({' '.join(str(e).split())})") from None
-            if not isinstance(y, dict) or not isinstance(y.get("data", y), dict):
+            from model.data import read_yaml_mapping
+            try:
+                y = read_yaml_mapping(args.config)
+            except ValueError as e:
+                raise ValueError(f"{args.config}: {e}") from None
+            if not isinstance(y.get("data", y), dict):
                 raise ValueError(f"{args.config}: the DataConfig fields must be a mapping (top level or "
                                  f"under 'data:')")
             d = dict(y.get("data", y))

@@ -223,6 +223,19 @@ def make_sample(cfg: DataConfig, index: int) -> tuple:
     raise RuntimeError(f"sample {index}: no valid cell in {cfg.max_redraws + 1} draws; last: {rejected[-1]}")
 
 
+def read_yaml_mapping(path) -> dict:
+    """The YAML file ``path`` as a dict ({} when empty); ValueError with one line for text
+    that is not YAML or not a mapping (what the configs of make_dataset and train must be)."""
+    import yaml
+    with open(path) as fh:
+        try:
+            d = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"the configuration must be a mapping, got a {type(d).__name__}")
+    return d
+
 # --------------------------------------------------------------------------- shards
 
 def make_shard(cfg_dict: dict, shard: int, overwrite: bool = False) -> dict:

@@ -332,16 +332,8 @@ def load_config(path: str):
     """Read a configs/cgins_*.yaml: sections ``model`` (CGINSConfig), ``loss``
     (LossConfig), ``train`` (TrainConfig); other top-level sections (e.g. ``data``)
     are returned untouched. Returns (model_cfg, loss_cfg, train_cfg, rest)."""
-    import yaml
-
-    with open(path) as fh:
-        try:
-            d = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"the configuration must be a mapping of sections (model, loss, train, data), "
-                         f"got a {type(d).__name__}")
+    from .data import read_yaml_mapping
+    d = read_yaml_mapping(path)
     rest = {k: v for k, v in d.items() if k not in ("model", "loss", "train")}
     return (CGINSConfig.from_dict(d.get("model", {})), LossConfig.from_dict(d.get("loss", {})),
             TrainConfig.from_dict(d.get("train", {})), rest)
