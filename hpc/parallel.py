@@ -45,57 +45,30 @@ def _default_comm(comm):
 
 
 # -- reading --------------------------------------------------------------------------
-def _is_hdf5(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in (".h5", ".hdf5", ".he5")
-
-
 def _read_meta(path, E=None, nu=None, size=None):
-    """(global shape, phases dtype, E, nu, size) of a cell file without reading phases."""
-    if _is_hdf5(path):
-        import h5py
-        with h5py.File(path, "r") as f:
-            if "phases" not in f:
-                raise CellError("no /phases dataset in the file")
-            ds = f["phases"]
-            shape, dtype = tuple(ds.shape), ds.dtype
-            if E is None:
-                if "materials/E" not in f:
-                    raise CellError("no /materials/E in the file (or give E)")
-                E = f["materials/E"][()]
-            if nu is None:
-                if "materials/nu" not in f:
-                    raise CellError("no /materials/nu in the file (or give nu)")
-                nu = f["materials/nu"][()]
-            if size is None:
-                size = f.attrs.get("size", (1.0, 1.0, 1.0))
-    elif path.lower().endswith(".npy"):
-        arr = np.load(path, mmap_mode="r")
-        shape, dtype = tuple(arr.shape), arr.dtype
+    """(global shape, phases dtype, E, nu, size) of a cell file without reading phases:
+    microstructures.io's readers, so a file is accepted or refused (one CellError line)
+    exactly as in a serial run: HDF5 recognised by its content, ``.npy`` by its name."""
+    from microstructures.io import read_header, read_npy_header
+    if path.lower().endswith(".npy"):
+        head = read_npy_header(path)
         if E is None or nu is None:
-            raise CellError(".npy phases need the materials: give E and nu")
+            raise CellError(f"{path}: a .npy file holds only phase ids: give the materials (E and nu per phase)")
     else:
-        raise CellError(f"unknown cell file type {os.path.splitext(path)[1]!r} (.h5 or .npy)")
-    if len(shape) != 3 or min(shape) < 1:
-        raise CellError(f"phases must be a non-empty 3-D array, got shape {shape}")
-    if size is None:
-        size = (1.0, 1.0, 1.0)
-    return shape, dtype, E, nu, size
+        head = read_header(path)
+        E = head["E"] if E is None else E
+        nu = head["nu"] if nu is None else nu
+        if E is None or nu is None:
+            raise CellError(f"{path}: no /materials/E and /materials/nu: give the materials (E and nu per phase)")
+        size = head["size"] if size is None else size
+    dtype = np.dtype(np.uint8) if head["dtype"].kind == "b" else head["dtype"]   # a mask: ids 0 and 1
+    return tuple(head["shape"]), dtype, E, nu, (1.0, 1.0, 1.0) if size is None else size
 
 
 def read_block(path: str, start, stop) -> np.ndarray:
     """phases[start:stop] (3-D hyperslab) of a cell file: only that block is read."""
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
-    if _is_hdf5(path):
-        try:
-            from microstructures.io import read_phases_block
-        except ImportError:
-            read_phases_block = None
-        if read_phases_block is not None:
-            return np.asarray(read_phases_block(path, tuple(start), tuple(stop)))
-        import h5py
-        with h5py.File(path, "r") as f:
-            return f["phases"][sl]
-    return np.array(np.load(path, mmap_mode="r")[sl])
+    from microstructures.io import read_phases_block
+    return np.asarray(read_phases_block(path, tuple(start), tuple(stop)))
 
 
 def _collective(comm, fn, *args, **kwargs):

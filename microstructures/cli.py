@@ -5,7 +5,7 @@
     python -m microstructures lattice --list
     python -m microstructures shell kelvin --vf 0.1 -n 64 -o kelvin_shell.h5
     python -m microstructures laminate --axis z --fractions 0.4 0.6 --E 1 10 --nu 0.3 0.3 -o lam.h5
-    python -m microstructures inclusions --vf 0.2 --radius 0.1 --E 1 10 --nu 0.3 0.2 -o comp.h5
+    python -m microstructures inclusions --vf 0.2 --radius 0.1 --gap 0.04 --E 1 10 --nu 0.3 0.2 -o comp.h5
     python -m microstructures voronoi --grains 30 --E 1 5 20 --nu 0.3 0.3 0.25 -o poly.h5
     python -m microstructures info cell.h5
     python -m microstructures convert scan.npy --E 0 1 --nu 0.3 0.3 -o scan.h5   (or -o scan.vti)
@@ -154,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Young's moduli of matrix and inclusions (0 = void)")
     p.add_argument("--nu", type=float, nargs=2, default=[0.3, 0.3], metavar=("NU_MATRIX", "NU_INCL"),
                    help="Poisson's ratios of matrix and inclusions")
-    p.add_argument("--gap", type=float, default=0.0, help="least clearance between inclusions")
+    p.add_argument("--gap", type=float, default=0.0,
+                   help="least clearance between inclusions (cell units); default 0, where inclusions closer "
+                        "than a voxel may touch in the voxel image (a warning says so): a gap of a voxel or two "
+                        "keeps them apart")
     p.add_argument("--seed", type=int, default=0, help="random seed; default 0")
     _add_tol(p)
     _add_common(p)
@@ -194,12 +197,25 @@ def _triple_or_scalar(values, name):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _check_output(path) -> None:
+_NOT_HDF5 = (".npy", ".npz", ".vti", ".vtk", ".vtu", ".xdmf", ".xmf", ".raw", ".tif", ".tiff")
+
+
+def _check_output(path, what: str = "-o", formats: str = "hdf5") -> None:
+    """A writable output path whose extension names the format written: HDF5 for a cell
+    file (a .npy or .vti name would hold HDF5 that no other tool reads), .vti for --vti."""
     if path is None:
         raise _UsageError("-o/--output is required")
     why = unwritable(path)
     if why:
         raise _UsageError(why)
+    ext = os.path.splitext(path)[1].lower()
+    if formats == "hdf5" and ext in _NOT_HDF5:
+        raise _UsageError(f"{what} {path}: a cell file is HDF5, not {ext}: name it .h5"
+                          + (" (and use --vti for ParaView)" if ext in (".vti", ".vtk", ".vtu") else ""))
+    if formats == "vti" and ext != ".vti":
+        raise _UsageError(f"{what} {path}: a ParaView image file must end in .vti")
+    if formats == "hdf5|vti" and ext in _NOT_HDF5 and ext != ".vti":
+        raise _UsageError(f"{what} {path}: convert writes HDF5 (.h5) or ParaView (.vti), not {ext}")
 
 
 def _strut_topology(args):
@@ -240,7 +256,8 @@ def _generate(args) -> tuple[Cell, str]:
                                      axes=args.axes, aligned=args.aligned, E=E, nu=args.nu, seed=args.seed,
                                      gap=args.gap, tol=args.tol, **common)
         p = cell.params
-        return cell, (f"{p['count']} {p['shape']}(s), radius {p['radius']:.6g}, "
+        apart = "" if p["clusters"] >= p["count"] else f" ({p['clusters']} separate in the voxel image)"
+        return cell, (f"{p['count']} {p['shape']}(s){apart}, radius {p['radius']:.6g}, "
                       f"inclusion fraction {p['vf_achieved']:.4f}")
     if c == "voronoi":
         cell = generators.voronoi(args.grains, E=args.E, nu=args.nu, fractions=args.fractions, seed=args.seed,
@@ -273,10 +290,11 @@ def _cmd_generate(args) -> int:
         _strut_topology(args)
     _check_output(args.output)
     if args.vti:
-        _check_output(args.vti)
+        _check_output(args.vti, "--vti", "vti")
         if os.path.abspath(args.vti) == os.path.abspath(args.output):
             raise _UsageError(f"--vti {args.vti} is the -o file: give the .vti its own name")
     cell, solved = _generate(args)
+    cell.validate()                             # before anything is written (or an old .vti removed)
     if args.vti:                                # both or neither: the .vti first, removed if the cell fails
         write_vti(cell, args.vti)
         try:
@@ -314,7 +332,9 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    _check_output(args.output)
+    _check_output(args.output, formats="hdf5|vti")
+    if os.path.exists(args.output) and os.path.exists(args.path) and os.path.samefile(args.output, args.path):
+        raise _UsageError(f"-o {args.output} is the input file: give the output its own name")
     try:
         cell = read_cell(args.path, E=args.E, nu=args.nu)
     except CellError as e:
@@ -345,4 +365,8 @@ def main(argv=None) -> int:
         return _cmd_generate(args)
     except (_UsageError, CellError) as e:
         print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print(f"{parser.prog} {args.command}: error: out of memory: the grid is too large for this machine "
+              "(-n)", file=sys.stderr)
         return EXIT_USAGE

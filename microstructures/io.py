@@ -33,7 +33,8 @@ from .vti import write_vti  # noqa: F401  (re-export)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["read_cell", "write_cell", "read_header", "read_phases_block", "percolates", "write_vti"]
+__all__ = ["read_cell", "write_cell", "read_header", "read_npy_header", "read_phases_block", "phase_ids",
+           "percolates", "write_vti"]
 
 
 def _is_npy(path: str) -> bool:
@@ -75,9 +76,41 @@ def _phases_dataset(f: h5py.File, path: str) -> h5py.Dataset:
         raise CellError(f"{path}: /phases must be 3-D (n_x, n_y, n_z), got shape {ds.shape}")
     if ds.size == 0:
         raise CellError(f"{path}: /phases is empty (shape {ds.shape})")
-    if ds.dtype.kind not in "iu":
-        raise CellError(f"{path}: /phases has dtype {ds.dtype}: phase ids must be integers")
+    if ds.dtype.kind not in "iub":
+        raise CellError(f"{path}: /phases has dtype {ds.dtype}: phase ids must be integers (or a boolean mask)")
     return ds
+
+
+def phase_ids(arr: np.ndarray) -> np.ndarray:
+    """Phase ids as stored, except that a boolean mask (a common export of other tools)
+    becomes uint8 ids: False -> phase 0, True -> phase 1."""
+    return arr.astype(np.uint8) if arr.dtype.kind == "b" else arr
+
+
+def _load_npy(path: str, mmap: bool) -> np.ndarray:
+    """A .npy array (memory-mapped if ``mmap``), never unpickled; CellError otherwise."""
+    _check_exists(path)
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CellError(f"{path}: not a .npy array file ({_one_line(e)})") from None
+    if not isinstance(arr, np.ndarray):          # np.load opens a zip (.npz) archive whatever its name
+        close = getattr(arr, "close", None)
+        if close is not None:
+            close()
+        raise CellError(f"{path}: an .npz archive, not a .npy array: save the phases with numpy.save")
+    if arr.dtype.kind not in "iub":
+        raise CellError(f"{path}: phases have dtype {arr.dtype}: phase ids must be integers (or a boolean mask)")
+    if arr.ndim != 3 or arr.size == 0:
+        raise CellError(f"{path}: phases must be a non-empty 3-D array, got shape {arr.shape}")
+    return arr
+
+
+def read_npy_header(path) -> dict:
+    """Shape and dtype of ``.npy`` phases (memory-mapped, nothing read); CellError if unusable."""
+    path = os.fspath(path)
+    arr = _load_npy(path, mmap=True)
+    return {"shape": tuple(arr.shape), "dtype": arr.dtype}
 
 
 def _attr_str(value) -> str:
@@ -88,18 +121,25 @@ def _attr_str(value) -> str:
     return str(value)
 
 
+def _numbers(value, path: str, what: str) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CellError(f"{path}: {what} must be numbers, got {_attr_str(value)[:40]!r}") from None
+
+
 def _header(f: h5py.File, path: str) -> dict:
     """Materials and attributes (no phases) of an open cell file."""
     mats = f.get("materials")
     E = nu = None
     if isinstance(mats, h5py.Group):
         if isinstance(mats.get("E"), h5py.Dataset):
-            E = np.asarray(mats["E"][()], dtype=np.float64)
+            E = _numbers(mats["E"][()], path, "/materials/E")
         if isinstance(mats.get("nu"), h5py.Dataset):
-            nu = np.asarray(mats["nu"][()], dtype=np.float64)
+            nu = _numbers(mats["nu"][()], path, "/materials/nu")
     size = (1.0, 1.0, 1.0)
     if "size" in f.attrs:
-        s = np.asarray(f.attrs["size"], dtype=np.float64).ravel()
+        s = _numbers(f.attrs["size"], path, "attribute size").ravel()
         if s.size == 1:
             s = np.repeat(s, 3)
         if s.size != 3:
@@ -157,21 +197,15 @@ def read_cell(path, E: Sequence[float] | None = None, nu: Sequence[float] | None
     """
     path = os.fspath(path)
     if _is_npy(path):
-        _check_exists(path)
-        try:
-            phases = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise CellError(f"{path}: not a .npy array file ({_one_line(e)})") from None
+        phases = phase_ids(_load_npy(path, mmap=False))
         E_arr, nu_arr = _materials(path, None, None, E, nu)
-        if phases.dtype.kind not in "iu":
-            raise CellError(f"{path}: phases have dtype {phases.dtype}: phase ids must be integers")
         name = os.path.splitext(os.path.basename(path))[0]
         return _validated(Cell(phases, E_arr, nu_arr, name=name, generator="npy"), path)
     with _open_h5(path) as f:
         try:
             ds = _phases_dataset(f, path)
             head = _header(f, path)
-            phases = ds[()]
+            phases = phase_ids(ds[()])
         except (OSError, KeyError, RuntimeError) as e:
             raise CellError(f"{path}: cannot read: {_one_line(e)}") from None
     E_arr, nu_arr = _materials(path, head["E"], head["nu"], E, nu)
@@ -214,18 +248,11 @@ def read_phases_block(path, start: Sequence[int], stop: Sequence[int]) -> np.nda
     path = os.fspath(path)
     start, stop = _block_bounds(start, stop)
     if _is_npy(path):
-        _check_exists(path)
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise CellError(f"{path}: not a .npy array file ({_one_line(e)})") from None
-        if arr.ndim != 3 or arr.size == 0:
-            raise CellError(f"{path}: phases must be a non-empty 3-D array, got shape {arr.shape}")
-        return _gather(arr, start, stop)
+        return phase_ids(_gather(_load_npy(path, mmap=True), start, stop))
     with _open_h5(path) as f:
         ds = _phases_dataset(f, path)
         try:
-            return _gather(ds, start, stop)
+            return phase_ids(_gather(ds, start, stop))
         except (OSError, RuntimeError) as e:
             raise CellError(f"{path}: cannot read: {_one_line(e)}") from None
 

@@ -61,6 +61,30 @@ def _clusters(cell):
     return clusters
 
 
+def periodic_cluster_count(mask) -> int:
+    """Number of face-connected clusters of a 3-D boolean mask on the periodic grid
+    (components that touch across a periodic face are one cluster)."""
+    mask = np.asarray(mask, dtype=bool)
+    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 1))
+    parent = list(range(n + 1))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for axis in range(3):
+        hi = np.take(labels, -1, axis=axis).ravel()
+        lo = np.take(labels, 0, axis=axis).ravel()
+        both = (hi > 0) & (lo > 0)
+        for a, b in np.unique(np.stack([hi[both], lo[both]], axis=1), axis=0):
+            ra, rb = find(int(a)), find(int(b))
+            if ra != rb:
+                parent[ra] = rb
+    return len({find(i) for i in range(1, n + 1)})
+
+
 def connectivity(cell) -> tuple[tuple[bool, bool, bool], int]:
     """(percolates(cell), spanning_rank(cell)) from one labelling of the solid."""
     clusters = _clusters(cell)

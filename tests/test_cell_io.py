@@ -96,6 +96,12 @@ def _bad_inputs(tmp):
     np.save(p("floats.npy"), np.zeros((2, 2, 2)))
     with open(p("garbage.npy"), "w") as f:
         f.write("garbage")
+    with open(p("zip.npy"), "wb") as f:                  # np.savez's archive under a .npy name
+        np.savez(f, phases=ok)
+    np.save(p("objects.npy"), np.array([[[None]]], dtype=object), allow_pickle=True)
+    string_E = write_raw(p("strE.h5"), ok, E=None)
+    with h5py.File(string_E, "a") as f:
+        f["materials/E"] = np.array([b"0", b"x"])
     return [
         ("missing file", p("nothere.h5"), "no such file", {}),
         ("unreadable", truncated, "cannot read", {}),
@@ -119,6 +125,10 @@ def _bad_inputs(tmp):
         ("inf material", write_raw(p("inf.h5"), ok, nu=(0.3, np.inf)), "NaN or inf", {}),
         ("all void", write_raw(p("void.h5"), ok, E=(0.0, 0.0)), "all void", {}),
         ("bad size attr", write_raw(p("size.h5"), ok, attrs={"size": [1.0, 2.0]}), "size must have 3 entries", {}),
+        ("text size attr", write_raw(p("size2.h5"), ok, attrs={"size": "1 1 1"}), "attribute size must be numbers", {}),
+        ("text E", string_E, "/materials/E must be numbers", {}),
+        (".npz named .npy", p("zip.npy"), "an .npz archive, not a .npy array", {"E": [0, 1], "nu": [0.3, 0.3]}),
+        ("object .npy", p("objects.npy"), "not a .npy array file", {"E": [1], "nu": [0.3]}),
         ("E without nu", write_raw(p("c.h5"), ok), "give both E and nu", {"E": [0, 1]}),
     ]
 
@@ -130,6 +140,42 @@ def test_each_bad_input_gives_one_line_cell_error(tmp_path):
         msg = str(info.value)
         assert fragment in msg, f"{what}: {msg!r}"
         assert "\n" not in msg, f"{what}: message is not one line"
+
+
+def test_each_bad_input_fails_the_same_in_the_block_reader_and_header(tmp_path):
+    """hpc.parallel reads cells through read_header / read_npy_header / read_phases_block:
+    an unusable file raises nothing there but a one-line CellError (never ValueError or
+    AttributeError); what they pass (e.g. negative ids) is validated after the read."""
+    from microstructures.io import read_npy_header
+    refused = 0
+    for what, path, fragment, kw in _bad_inputs(str(tmp_path)):
+        try:
+            if str(path).endswith(".npy"):
+                read_npy_header(path)
+            else:
+                read_header(path)
+                read_phases_block(path, (0, 0, 0), (1, 1, 1))
+        except CellError as e:
+            assert "\n" not in str(e), what
+            refused += 1
+    assert refused >= 14
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".npy"])
+def test_a_boolean_mask_is_read_as_phases_0_and_1(tmp_path, suffix):
+    mask = np.zeros((4, 5, 6), bool)
+    mask[1:3] = True
+    path = tmp_path / f"mask{suffix}"
+    if suffix == ".npy":
+        np.save(path, mask)
+        cell = read_cell(path, E=[0, 1], nu=[0.3, 0.3])
+    else:
+        cell = read_cell(write_raw(path, mask))
+    assert cell.phases.dtype == np.uint8 and np.array_equal(cell.phases, mask.astype(np.uint8))
+    assert cell.volume_fraction == mask.mean()
+    from microstructures.io import read_phases_block
+    block = read_phases_block(path, (-1, 0, 0), (2, 5, 6))
+    assert block.dtype == np.uint8 and np.array_equal(block, np.roll(mask, 1, axis=0)[:3].astype(np.uint8))
 
 
 def test_bad_params_attribute_is_tolerated(tmp_path):

@@ -282,7 +282,7 @@ def test_pores_and_errors():
     with pytest.raises(CellError, match="too large"):
         inclusions(vf=0.4, count=2, n=16)
     with pytest.raises(CellError, match="placed only"):
-        inclusions(vf=0.45, radius=0.05, n=16, max_attempts=2000)
+        inclusions(vf=0.45, radius=0.05, n=32, max_attempts=2000)
 
 
 def test_contact_function_oracles():

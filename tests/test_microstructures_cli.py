@@ -68,6 +68,16 @@ def test_lattice_list():
     (("inclusions", "--vf", "0.2", "--radius", "0.1", "--count", "3"), "not allowed with argument"),
     (("voronoi", "--E", "1", "2", "--nu", "0.3", "0.3", "0.3"), "one E and one nu per phase"),
     (("laminate", "--fractions", "0.5", "0.6"), "sum to 1"),
+    (("laminate", "--periods", "5", "-n", "8"), "5 periods along z need at least 10 voxels"),
+    (("tpms", "G", "--vf", "0.3", "--periods", "7", "-n", "8"), "7 periods along x need at least 14 voxels"),
+    (("lattice", "octet", "--vf", "0.3", "--periods", "1", "5", "1", "-n", "8"), "5 periods along y need at least 10"),
+    (("tpms", "G", "--vf", "0.3", "-n", "8", "--tol", "nan"), "tol must lie in [0, 1)"),
+    (("lattice", "octet", "--vf", "0.3", "-n", "16", "--tol", "-1"), "tol must lie in [0, 1)"),
+    (("voronoi", "--grains", "3", "--seed", "-1", "-n", "8"), "seed must be an integer >= 0"),
+    (("lattice", "random", "--vf", "0.2", "--seed", "-1", "-n", "16"), "seed must be an integer >= 0"),
+    (("inclusions", "--vf", "0.2", "--seed", "-1", "-n", "16"), "seed must be an integer >= 0"),
+    (("inclusions", "--vf", "0.2", "--radius", "0.02", "-n", "16"), "below one voxel"),
+    (("tpms", "G", "--vf", "0.001", "-n", "8"), "the cell is all void"),
 ])
 def test_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, args, fragment):
     # in-process (cli.main) to keep the suite fast; the subprocess path is checked below
@@ -81,15 +91,36 @@ def test_bad_arguments_one_line_exit_2_nothing_written(tmp_path, capsys, args, f
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("vti,fragment", [("bad.h5", "is the -o file"), ("v.vti/", "is a directory"),
+@pytest.mark.parametrize("vti,fragment", [("bad.h5", "must end in .vti"), ("v.vti/", "is a directory"),
                                           ("no/v.vti", "does not exist")])
 def test_bad_vti_is_caught_before_anything_is_written(tmp_path, capsys, vti, fragment):
-    """--vti equal to -o, a directory or a missing directory: one line, exit 2, and neither file"""
+    """--vti equal to -o (not a .vti name), a directory or a missing directory: one line, exit 2, and neither file"""
     status = main(["tpms", "P", "--vf", "0.3", "-n", "8", "-o", str(tmp_path / "bad.h5"),
                    "--vti", str(tmp_path) + os.sep + vti])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and fragment in err, err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("out,fragment", [("c.vti", "a cell file is HDF5, not .vti"),
+                                          ("c.npy", "a cell file is HDF5, not .npy")])
+def test_a_cell_file_named_for_another_format_is_refused(tmp_path, capsys, out, fragment):
+    status = main(["tpms", "P", "--vf", "0.3", "-n", "8", "-o", str(tmp_path / out)])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and fragment in err, err
+    status = main(["tpms", "P", "--vf", "0.3", "-n", "8", "-o", str(tmp_path / "c.h5"), "--vti", str(tmp_path / "c.vtk")])
+    err = capsys.readouterr().err
+    assert status == 2 and "must end in .vti" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_generation_leaves_an_old_vti_in_place(tmp_path, capsys):
+    """An all-void result is refused before anything is written: an existing .vti stays."""
+    (tmp_path / "keep.vti").write_text("OLD")
+    status = main(["tpms", "gyroid", "--vf", "0.001", "-n", "8", "-o", str(tmp_path / "keep.h5"),
+                   "--vti", str(tmp_path / "keep.vti")])
+    assert status == 2 and "all void" in capsys.readouterr().err
+    assert (tmp_path / "keep.vti").read_text() == "OLD" and not (tmp_path / "keep.h5").exists()
 
 
 def test_a_failed_cell_write_takes_the_vti_with_it(tmp_path, capsys, monkeypatch):
@@ -136,3 +167,24 @@ def test_convert_npy(tmp_path):
     np.testing.assert_array_equal(read_cell(tmp_path / "scan.h5").phases, phases)
     r = run("convert", tmp_path / "scan.h5", "-o", tmp_path / "scan.vti")
     assert r.returncode == 0 and (tmp_path / "scan.vti").read_text().startswith("<?xml")
+    # the input is never overwritten, and a .npy output (which would hold HDF5) is refused
+    before = (tmp_path / "scan.npy").read_bytes()
+    for out in ("scan.npy", "other.npy"):
+        r = run("convert", tmp_path / "scan.npy", "--E", "0", "1", "--nu", "0.3", "0.3", "-o", tmp_path / out)
+        assert r.returncode == 2 and "not .npy" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = run("convert", tmp_path / "scan.h5", "-o", tmp_path / "scan.h5")
+    assert r.returncode == 2 and "is the input file" in r.stderr, r.stderr
+    assert (tmp_path / "scan.npy").read_bytes() == before and not (tmp_path / "other.npy").exists()
+    np.testing.assert_array_equal(read_cell(tmp_path / "scan.h5").phases, phases)
+
+
+def test_inclusions_that_touch_in_the_voxel_image_are_reported(tmp_path):
+    r = run("inclusions", "--vf", "0.2", "--radius", "0.1", "-o", tmp_path / "c.h5")
+    assert r.returncode == 0, r.stderr
+    cell = read_cell(tmp_path / "c.h5")
+    assert cell.params["clusters"] < cell.params["count"]
+    assert f"({cell.params['clusters']} separate in the voxel image)" in r.stdout
+    assert "separate clusters in the voxel image" in r.stderr
+    r = run("inclusions", "--vf", "0.2", "--radius", "0.1", "--gap", "0.04", "-o", tmp_path / "d.h5")
+    cell = read_cell(tmp_path / "d.h5")
+    assert r.returncode == 0 and cell.params["clusters"] == cell.params["count"] and "separate" not in r.stdout

@@ -241,3 +241,36 @@ def test_cgins_warm_start_on_two_ranks_is_the_serial_one(mpi_available, tmp_path
     mg = run_json(1, "--rtol", "1e-9", "-q", "--json", "-o", str(tmp_path / "m.h5"))
     assert conv["converged"]
     assert np.linalg.norm(np.asarray(conv["C"]) - mg["C"]) <= 1e-7 * np.linalg.norm(mg["C"])
+
+
+def test_two_ranks_accept_and_refuse_the_files_a_serial_run_does(mpi_available, tmp_path):
+    """The distributed reader is the serial one (microstructures.io): an HDF5 cell named
+    .hdf and a boolean mask are read on 2 ranks as in a serial run (same C^H), and a file
+    with a text size attribute is one error line and exit 2 on both (the MPI path once went
+    by the extension, refused bool masks, and ended such files with a traceback)."""
+    import h5py
+    from hpc.homogenize import main
+    from hpc.results import read_result
+    mask = gyroid_cell((12, 12, 12)).phases > 0
+    with h5py.File(tmp_path / "mask.hdf", "w") as f:
+        f["phases"] = mask
+        f["materials/E"] = np.array([0.0, 1.0])
+        f["materials/nu"] = np.array([0.3, 0.3])
+    flags = ["--rtol", "1e-10", "-q"]
+    assert main([str(tmp_path / "mask.hdf"), *flags, "-o", str(tmp_path / "serial.h5")]) == 0
+    rc, so, se, _ = mpirun(2, "-m", "hpc.homogenize", str(tmp_path / "mask.hdf"), *flags,
+                           "-o", str(tmp_path / "mpi.h5"), timeout=240)
+    assert rc == 0, f"rc {rc}:\n{so[-2000:]}\n{se[-2000:]}"
+    ser, par = (read_result(str(tmp_path / f))["C"] for f in ("serial.h5", "mpi.h5"))
+    assert np.abs(ser[0, 0]) > 1e-3 and np.abs(par - ser).max() <= 1e-7 * np.abs(ser).max()
+    with h5py.File(tmp_path / "size.h5", "w") as f:
+        f["phases"] = mask.astype(np.uint8)
+        f["materials/E"] = np.array([0.0, 1.0])
+        f["materials/nu"] = np.array([0.3, 0.3])
+        f.attrs["size"] = "1 1 1"
+    for n in (1, 2):
+        rc, so, se, _ = mpirun(n, "-m", "hpc.homogenize", str(tmp_path / "size.h5"), "-q",
+                               "-o", str(tmp_path / "never.h5"), timeout=120)
+        lines = [ln for ln in se.splitlines() if ln.startswith("error:")]
+        assert rc != 0 and lines == [f"error: {tmp_path / 'size.h5'}: attribute size must be numbers, got '1 1 1'"], se
+    assert not (tmp_path / "never.h5").exists()

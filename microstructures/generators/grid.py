@@ -70,6 +70,41 @@ def check_fraction(vf, name: str = "vf") -> float:
     return vf
 
 
+def check_tol(tol) -> float:
+    """A volume-fraction tolerance: finite, in [0, 1)."""
+    try:
+        tol = float(tol)
+    except (TypeError, ValueError):
+        raise CellError(f"tol must be a number, got {tol!r}") from None
+    if not (math.isfinite(tol) and 0.0 <= tol < 1.0):
+        raise CellError(f"tol must lie in [0, 1), got {tol:g}")
+    return tol
+
+
+def check_seed(seed) -> int:
+    """A random seed: an integer >= 0."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        try:
+            ok = float(seed).is_integer()
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CellError(f"seed must be an integer >= 0, got {seed!r}")
+    seed = int(seed)
+    if seed < 0:
+        raise CellError(f"seed must be an integer >= 0, got {seed}")
+    return seed
+
+
+def check_periods(periods: Sequence[int], shape: Sequence[int]) -> None:
+    """At least two voxels per period along every axis: a finer pattern aliases on the
+    grid (e.g. 5 periods on 8 voxels reproduce 3 periods exactly)."""
+    for axis, (p, n) in enumerate(zip(periods, shape)):
+        if n < 2 * p:
+            raise CellError(f"{p} periods along {'xyz'[axis]} need at least {2 * p} voxels there "
+                            f"(two per period), the grid has {n}: use a finer grid or fewer periods")
+
+
 def check_material(E, nu, what: str = "solid") -> tuple[float, float]:
     """Young's modulus > 0 and Poisson ratio in (-1, 0.5) of one solid phase."""
     E, nu = float(E), float(nu)

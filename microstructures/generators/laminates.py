@@ -6,7 +6,7 @@ import logging
 import numpy as np
 
 from ..cell import Cell, CellError
-from .grid import VF_TOL, as_axis, as_shape, as_triple, centres, check_materials, jsonable
+from .grid import VF_TOL, as_axis, as_shape, as_triple, centres, check_materials, check_tol, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ def laminate(fractions=(0.5, 0.5), E=(1.0, 10.0), nu=(0.3, 0.3), axis="z", n=32,
     ax = as_axis(axis)
     shape = as_shape(n)
     periods = int(as_triple(periods, "periods", positive=True, integer=True)[0])
+    if shape[ax] < 2 * periods:
+        raise CellError(f"{periods} periods along {'xyz'[ax]} need at least {2 * periods} voxels there "
+                        f"(two per period), the grid has {shape[ax]}: use a finer grid or fewer periods")
+    tol = check_tol(tol)
     size = as_triple(size, "size", positive=True)
     shift = as_triple(shift, "shift")
     u = centres(shape, shift)[ax] * periods

@@ -19,8 +19,8 @@ import math
 import numpy as np
 
 from ..cell import Cell, CellError
-from .grid import (VF_TOL, as_shape, as_triple, check_fraction, check_material, jsonable,
-                   periodic_noise, voxel_positions)
+from .grid import (VF_TOL, as_shape, as_triple, check_fraction, check_material, check_periods, check_tol,
+                   jsonable, periodic_noise, voxel_positions)
 from .level import Selection, select
 from .struts import distance_field
 from .topologies import Topology, random_graph, topology as named_topology
@@ -55,6 +55,7 @@ class _Field:
 
     def __init__(self, shape, topo, periods, size, shift, node_ratio, caps):
         self.shape, self.size, self.shift, self.caps = shape, size, shift, caps
+        self.periods = np.asarray(periods, dtype=np.float64)
         segs = cell_segments(topo, periods)
         self.nodes = cell_nodes(topo, periods)
         weights = np.ones(len(segs))
@@ -104,7 +105,10 @@ class _Field:
             return sign * self.node_distance(idx)
 
         def by_node_then_noise(idx):
-            return np.stack([by_node(idx), periodic_noise(voxel_positions(idx, self.shape, self.shift))], axis=1)
+            # the noise in unit-cell coordinates (positions times periods), so that the
+            # unit cells of a cell with periods > 1 stay identical copies, as for TPMS
+            x = voxel_positions(idx, self.shape, self.shift) * self.periods
+            return np.stack([by_node(idx), periodic_noise(x)], axis=1)
 
         cutoff = max(guess, 2.0 * self.voxel)
         while True:
@@ -119,8 +123,9 @@ class _Field:
 
 
 def _common(n, periods, size, shift, vf, E, nu):
-    return (as_shape(n), as_triple(periods, "periods", positive=True, integer=True),
-            as_triple(size, "size", positive=True), as_triple(shift, "shift"),
+    shape, periods = as_shape(n), as_triple(periods, "periods", positive=True, integer=True)
+    check_periods(periods, shape)
+    return (shape, periods, as_triple(size, "size", positive=True), as_triple(shift, "shift"),
             check_fraction(vf), *check_material(E, nu))
 
 
@@ -145,6 +150,7 @@ def lattice(topology="octet", vf: float = 0.2, n=32, periods=1, E: float = 1.0, 
     """
     topo = resolve_topology(topology, nodes, k, seed)
     shape, periods, size, shift, vf, E, nu = _common(n, periods, size, shift, vf, E, nu)
+    tol = check_tol(tol)
     node_ratio = _check_node_ratio(node_ratio)
     field = _Field(shape, topo, periods, size, shift, node_ratio, caps)
     N = int(np.prod(shape))
@@ -180,6 +186,7 @@ def shell_lattice(topology="octet", vf: float = 0.1, n=32, outer_radius: float |
     """
     topo = resolve_topology(topology, nodes, k, seed)
     shape, periods, size, shift, vf, E, nu = _common(n, periods, size, shift, vf, E, nu)
+    tol = check_tol(tol)
     node_ratio = _check_node_ratio(node_ratio)
     field = _Field(shape, topo, periods, size, shift, node_ratio, caps)
     N = int(np.prod(shape))

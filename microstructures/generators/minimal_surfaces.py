@@ -23,8 +23,8 @@ import logging
 import numpy as np
 
 from ..cell import Cell, CellError
-from .grid import (VF_TOL, as_shape, as_triple, centres, check_fraction, check_material, jsonable,
-                   periodic_noise, voxel_positions)
+from .grid import (VF_TOL, as_shape, as_triple, centres, check_fraction, check_material, check_periods,
+                   check_tol, jsonable, periodic_noise, voxel_positions)
 from .level import select
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,11 @@ def tpms(surface: str = "G", form: str = "network", vf: float = 0.3, n=32, perio
     if form not in FORMS:
         raise CellError(f"unknown TPMS form {form!r}; choose 'network' or 'sheet'")
     vf = check_fraction(vf)
+    tol = check_tol(tol)
     E, nu = check_material(E, nu)
     shape = as_shape(n)
     periods = as_triple(periods, "periods", positive=True, integer=True)
+    check_periods(periods, shape)
     size = as_triple(size, "size", positive=True)
     shift = as_triple(shift, "shift")
     periods_arr = np.asarray(periods, dtype=np.float64)

@@ -26,8 +26,9 @@ import math
 import numpy as np
 
 from ..cell import Cell, CellError
-from .grid import (VF_TOL, as_shape, as_triple, check_fraction, check_materials, jsonable,
-                   periodic_noise, scatter_min, voxel_positions)
+from ..percolation import periodic_cluster_count
+from .grid import (VF_TOL, as_shape, as_triple, check_fraction, check_materials, check_seed, check_tol,
+                   jsonable, periodic_noise, scatter_min, voxel_positions)
 from .level import select
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,10 @@ def inclusions(vf: float = 0.2, n=32, radius: float | None = None, count: int | 
     radius: equivalent-sphere radius (physical units), default 0.1 of the smallest cell
     edge; or give ``count`` instead. shape 'ellipsoid': semi-axes proportional to ``axes``
     with the volume of that sphere, randomly oriented unless ``aligned``. gap: least
-    clearance between inclusions at placement (physical units). Deterministic in ``seed``.
+    clearance between inclusions at placement (physical units); inclusions closer than about
+    a voxel can touch in the voxel image: a warning is logged when fewer separate inclusions
+    than were placed come out (``params['clusters']``), and a gap of a voxel or two keeps
+    them apart. The radius must be at least one voxel. Deterministic in ``seed``.
     ``cell.params`` holds the count and the final equivalent 'radius' and 'semi_axes'.
     """
     vf = check_fraction(vf)
@@ -151,9 +155,12 @@ def inclusions(vf: float = 0.2, n=32, radius: float | None = None, count: int | 
     grid = as_shape(n)
     size = np.asarray(as_triple(size, "size", positive=True))
     shift = as_triple(shift, "shift")
+    seed = check_seed(seed)
+    h = float(np.max(size / np.asarray(grid)))          # the largest voxel edge
     gap = float(gap)
     if not (math.isfinite(gap) and gap >= 0):
         raise CellError(f"inclusions: gap must be >= 0, got {gap:g}")
+    tol = check_tol(tol)
     volume = float(np.prod(size))
     ratios = np.asarray(as_triple(axes, "axes", positive=True)) if shape == "ellipsoid" else np.ones(3)
     ratios = ratios / np.prod(ratios) ** (1.0 / 3.0)
@@ -171,6 +178,9 @@ def inclusions(vf: float = 0.2, n=32, radius: float | None = None, count: int | 
     # the equivalent radius that gives vf exactly with this count
     r0 = (vf * volume / (count * 4.0 / 3.0 * math.pi)) ** (1.0 / 3.0)
     semi = r0 * ratios
+    if float(semi.min()) < h:
+        raise CellError(f"inclusions: {count} inclusion(s) of semi-axes {np.round(semi, 4).tolist()} are below "
+                        f"one voxel ({h:.3g}); use a finer grid or fewer, larger inclusions")
     a_max = float(semi.max())
     # pairs are checked under the minimum image only: an inclusion must be shorter than half the cell
     limit = float(size.min()) / (2.0 if count == 1 else 4.0)
@@ -184,7 +194,6 @@ def inclusions(vf: float = 0.2, n=32, radius: float | None = None, count: int | 
     centres = rsa_centres(rng, shape_matrices(rot, place_semi), place_semi, size, max_attempts)
 
     # rho is exact up to 1 + margin: room for the volume-fraction scale s (voxelization error ~ h / r)
-    h = float(np.max(size / np.asarray(grid)))
     margin = 0.1 + 2.0 * h / float(semi.min())
     bound = a_max * (1.0 + margin)
     rho = np.full(grid, np.inf)
@@ -216,11 +225,15 @@ def inclusions(vf: float = 0.2, n=32, radius: float | None = None, count: int | 
         raise CellError(f"inclusions: hitting vf {vf:g} on this grid needs inclusions {scale:.3g} times their "
                         "nominal size, and they would overlap; use a finer grid, a lower vf or a larger gap")
     phases = sel.mask.astype(np.uint8)
+    separate = periodic_cluster_count(sel.mask)
+    if separate < count:
+        log.warning("inclusions: the %d %ss form %d separate clusters in the voxel image: some touch; "
+                    "a gap of a voxel or two keeps them apart", count, shape, separate)
     log.info("inclusions: %d %ss, radius %.4g, fraction %.5f (target %g)", count, shape, r0 * scale,
              sel.fraction, vf)
     params = jsonable({"vf": vf, "n": list(grid), "shape": shape, "count": count, "axes": ratios,
                        "aligned": bool(aligned), "E": E, "nu": nu, "seed": int(seed), "gap": gap,
                        "shift": list(shift), "tol": tol, "radius": r0 * scale, "semi_axes": final,
-                       "vf_achieved": sel.fraction})
+                       "vf_achieved": sel.fraction, "clusters": separate})
     return Cell(phases, E=E, nu=nu, size=tuple(size), name=name or f"inclusions-{shape}-vf{vf:g}",
                 generator="inclusions", params=params)

@@ -7,7 +7,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..cell import Cell, CellError
-from .grid import as_shape, as_triple, centres, check_materials, jsonable
+from .grid import as_shape, as_triple, centres, check_materials, check_seed, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def voronoi(grains: int = 16, E=(1.0, 10.0), nu=(0.3, 0.3), fractions=None, n=32
     shape = as_shape(n)
     size = np.asarray(as_triple(size, "size", positive=True))
     shift = as_triple(shift, "shift")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     seeds = rng.random((grains, 3)) * size
     counts = grain_counts(grains, fractions)
     grain_phase = rng.permutation(np.repeat(np.arange(P), counts))

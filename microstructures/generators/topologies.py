@@ -20,6 +20,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..cell import CellError
+from .grid import check_seed
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def random_graph(nodes: int = 16, k: int = 4, seed: int = 0, min_distance: float
         raise CellError(f"random graph: k must be >= 2 so every node has degree >= 2, got {k}")
     if nodes < k + 1:
         raise CellError(f"random graph: need more nodes than k, got nodes={nodes}, k={k}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     pts = []
     for _ in range(1000 * nodes):
         if len(pts) == nodes:
