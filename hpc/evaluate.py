@@ -6,7 +6,8 @@ of the CGINS neural warm start on a held-out data set (issue 5 item 7).
         WO-CS=models/ablation_wo_cs/ablation_wo_cs.pt ... --no-solve -o out/ablation.json
 
 At scale (held-out set: configs/data_heldout.yaml, 200 cells per family, 32^3; the
-ablations: configs/ablation_<label>.yaml, each into models/ablation_<label>/):
+ablations: configs/ablation_<label>.yaml, each into runs/ablation_<label>/; the shipped ones are in
+models/ablation_<label>/):
 
     python -m hpc.make_dataset configs/data_heldout.yaml --workers 2
     for l in full wo_cs wo_gd wo_sv wo_pm levels1 levels3; do
@@ -255,8 +256,7 @@ def open_dataset(spec: str, split: Optional[str] = None, families: Optional[Sequ
     try:
         ds = ShardedDataset(root, split=split, families=families)
     except (OSError, KeyError, ValueError) as e:
-        raise InputError(f"data {spec}: not a data set made by hpc.make_dataset ({' '.join(str(e).split())})") \
-            from None
+        raise InputError(f"data {spec}: {' '.join(str(e).split())}") from None
     if len(ds) == 0:
         raise InputError(f"data {spec}: no samples (split={split!r}, families={families!r})")
     shards = []
@@ -882,11 +882,12 @@ def run(args, argv: Sequence[str]) -> dict:
     ds, data_info = open_dataset(args.data, args.split, args.families)
     models = [load_eval_model(label, path, args.device) for label, path in specs]
     rows = select_cells(ds, args.per_family)
-    shape = tuple(np.asarray(ds.phases(rows[0])).shape)
+    grids = sorted({ds.grid(k) for k in rows})            # every cell's, not only the first one's
     for md in models:
         div = 1 << md.net.cfg.depth
-        if any(s % div for s in shape):
-            raise InputError(f"--models {md.label}: cells of {shape} are not divisible by 2^depth = {div}")
+        for shape in grids:
+            if any(s % div for s in shape):
+                raise InputError(f"--models {md.label}: cells of {shape} are not divisible by 2^depth = {div}")
     cache = ReferenceCache(refs_path(args))
     if args.t is not None:
         t_per_model = {md.label: sorted(set(args.t)) for md in models}
@@ -959,7 +960,7 @@ def run(args, argv: Sequence[str]) -> dict:
     report = {
         "provenance": provenance(argv, args.device),
         "data": {**data_info, "split": args.split, "families": args.families, "per_family": args.per_family,
-                 "n_cells": len(report_cells), "shape": "x".join(map(str, shape)),
+                 "n_cells": len(report_cells), "shape": ", ".join("x".join(map(str, g)) for g in grids),
                  "cells_per_family": {f: sum(1 for c in report_cells if c["family"] == f) for f in fams}},
         "settings": {"t": args.t, "vf_bins": edges, "ref_rtol": args.ref_rtol, "reference": ref_settings,
                      "precision": args.precision, "soft": args.soft, "device": args.device,

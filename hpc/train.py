@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the checkpoint in the output directory if there is one (default)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: train.device of the config")
     p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
-    p.add_argument("--seed", type=int, help="overrides train.seed")
+    p.add_argument("--seed", type=int, help="overrides train.seed (an integer >= 0)")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start a fresh run from this checkpoint's weights (fine-tuning; overrides "
                         "train.init_from); its model config must match up to t and use_pcg; channels may widen")
@@ -156,8 +156,37 @@ def generated_cells(spec: dict):
     return cells
 
 
+SECTIONS = ("model", "loss", "train", "data", "distributed", "launch")   # launch: written by a run
+DATA_KEYS = ("train", "split", "families", "family_weights", "generate", "resolution")
+DISTRIBUTED_KEYS = ("backend", "master_port")
+
+
+def check_sections(rest: dict, path: str):
+    """ConfigError for a misspelt section or data / distributed key (they used to be
+    ignored: a typo in data.train silently trained on generated cells)."""
+    unknown = sorted(set(rest) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown sections {unknown}; known: {list(SECTIONS)}")
+    for section, keys in (("data", DATA_KEYS), ("distributed", DISTRIBUTED_KEYS)):
+        value = rest.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: the {section} section must be a mapping, got {value!r}")
+        bad = sorted(set(value) - set(keys))
+        if bad:
+            raise ConfigError(f"{path}: unknown {section} keys {bad}; known: {list(keys)}")
+
+
 def training_cells(data: dict, args):
     """The training cells after the rules of the module docstring, and a description."""
+    try:
+        return _training_cells(data, args)
+    except ValueError as e:          # a bad data.generate spec, a file that is not a shard, mixed shards
+        raise ConfigError(" ".join(str(e).split())) from None
+
+
+def _training_cells(data: dict, args):
     data = dict(data or {})
     generate = args.generate is not None or args.resolution is not None
     root = args.data or (None if generate else data.get("train"))
@@ -187,6 +216,29 @@ def training_cells(data: dict, args):
     spec.setdefault("samples_per_family", 4)
     cells = generated_cells(spec)
     return cells, f"{len(cells)} cells generated in memory ({spec})"
+
+
+def cell_grids(cells) -> list:
+    """The distinct grids of the training cells (read from shard headers, not decompressed)."""
+    ds = getattr(cells, "ds", None)
+    if ds is not None:
+        return sorted({ds.grid(k) for k in range(len(ds))})
+    return sorted({tuple(c.shape) for c in cells})
+
+
+def data_fingerprint(cells, data: Optional[dict], args) -> str:
+    """sha256 (16 hex) of what the run trains on: every shard sample's (config hash,
+    index) and the family weights, or the in-memory generation spec. A resume must see
+    the same (a changed data set would silently change the run)."""
+    import hashlib
+    import json
+    ds = getattr(cells, "ds", None)
+    if ds is not None:
+        what = {"samples": ds.identity(), "family_weights": (data or {}).get("family_weights")}
+    else:
+        what = {"generated": [c.name for c in cells],
+                "digest": hashlib.sha256(b"".join(np.ascontiguousarray(c.phases).tobytes() for c in cells)).hexdigest()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -221,6 +273,11 @@ def _write_yaml_atomic(path: str, d: dict):
     os.replace(tmp, path)
 
 
+# the settings that fix a run's trajectory: a resume must keep them (steps may grow)
+RESUME_FIXED = ("seed", "batch_size", "lr", "weight_decay", "grad_clip", "lr_min_factor", "model_dtype",
+                "solver_dtype", "soft")
+
+
 def configure(args):
     """(model_cfg, loss_cfg, train_cfg, rest) from the YAML and the flags."""
     try:
@@ -238,6 +295,9 @@ def configure(args):
                     ("--threads", args.threads), ("--generate", args.generate), ("--resolution", args.resolution)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}")
+    if isinstance(tc.seed, bool) or not isinstance(tc.seed, int) or not 0 <= tc.seed < 2 ** 32:
+        raise ConfigError(f"train.seed (--seed) must be a whole number in [0, 2^32), got {tc.seed!r}")
+    check_sections(rest, args.config)
     if args.resolution is not None and args.resolution % (1 << mc.depth):
         raise ConfigError(f"--resolution {args.resolution}: the model needs a multiple of "
                           f"2^depth = {1 << mc.depth}")
@@ -246,23 +306,35 @@ def configure(args):
     out = args.out or os.path.dirname(tc.checkpoint) or "."
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: exists and is not a directory")
+    up = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise ConfigError(f"--out {out}: {up} is a file, not a directory")
     stem = os.path.splitext(os.path.basename(tc.checkpoint))[0] or "cgins"
     tc.checkpoint = os.path.join(out, stem + ".pt")
     tc.log_file = os.path.join(out, stem + ".csv")
-    if tc.init_from:
+    resuming = getattr(args, "resume", True) and os.path.exists(tc.checkpoint)
+    if resuming:                     # the run continues: train.init_from was used at its start, not now
+        from model.train import check_resumable, read_cgins_checkpoint
+        try:
+            ck = read_cgins_checkpoint(tc.checkpoint, f"checkpoint {tc.checkpoint} (to resume)")
+            check_resumable(ck, tc.checkpoint, mc)
+        except ValueError as e:
+            raise ConfigError(f"{e}; start elsewhere (--out) or afresh (--no-resume)"
+                              if "not a CGINS checkpoint" in str(e) else str(e)) from None
+        theirs = ck.get("train_config") or {}
+        changed = [f"{k} {theirs[k]!r} -> {getattr(tc, k)!r}" for k in RESUME_FIXED
+                   if k in theirs and theirs[k] != getattr(tc, k)]
+        if changed:
+            raise ConfigError(f"checkpoint {tc.checkpoint} was trained with other settings ({'; '.join(changed)}): "
+                              "resume it with its own, or start elsewhere (--out) or afresh (--no-resume)")
+    elif tc.init_from:
         from model.train import init_checkpoint
         try:
             init_checkpoint(tc.init_from, mc)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if getattr(args, "resume", True) and os.path.exists(tc.checkpoint):
-        from model.train import check_resumable, read_cgins_checkpoint
-        try:
-            check_resumable(read_cgins_checkpoint(tc.checkpoint, f"checkpoint {tc.checkpoint} (to resume)"),
-                            tc.checkpoint, mc)
-        except ValueError as e:
-            raise ConfigError(f"{e}; start elsewhere (--out) or afresh (--no-resume)"
-                              if "not a CGINS checkpoint" in str(e) else str(e)) from None
     if len(lc.level_weights) < mc.levels:
         raise ConfigError(f"loss.level_weights needs {mc.levels} entries, has {list(lc.level_weights)}")
     return mc, lc, tc, rest
@@ -285,6 +357,18 @@ def run(args) -> tuple:
     try:
         tc.device = str(device)
         cells, what = training_cells(rest.get("data"), args)
+        div = 1 << mc.depth
+        bad = [g for g in cell_grids(cells) if any(n % div for n in g)]
+        if bad:
+            raise ConfigError(f"the training cells of grid {bad[0]} do not fit the model: it needs multiples of "
+                              f"2^depth = {div} voxels per axis")
+        data_id = data_fingerprint(cells, rest.get("data"), args)
+        if args.resume and os.path.exists(tc.checkpoint):
+            from model.train import load_checkpoint
+            theirs = load_checkpoint(tc.checkpoint).get("data_id")
+            if theirs is not None and theirs != data_id:
+                raise ConfigError(f"checkpoint {tc.checkpoint} was trained on other cells ({what} now): resume it "
+                                  "on its own data, or start elsewhere (--out) or afresh (--no-resume)")
         if rank == 0:
             log.info("%s; %d rank(s) on %s; global batch %d (%d per rank); %d steps; out %s", what, world,
                      device.type, tc.batch_size, tc.batch_size // world, tc.steps, os.path.dirname(tc.checkpoint))
@@ -302,7 +386,8 @@ def run(args) -> tuple:
         show = args.progress if args.progress is not None else sys.stderr.isatty()
         prog = Progress(tc.steps, enabled=bool(show), every=max(1, tc.steps // 20)) if rank == 0 else None
         try:
-            row = train(net, cells, mc, tc, lc, rank=rank, world=world, resume=args.resume, progress=prog)
+            row = train(net, cells, mc, tc, lc, rank=rank, world=world, resume=args.resume, progress=prog,
+                        data_id=data_id)
         finally:
             if prog is not None:
                 prog.close()

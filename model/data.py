@@ -120,10 +120,11 @@ class DataConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "DataConfig":
-        import yaml
-        with open(path) as fh:
-            d = yaml.safe_load(fh) or {}
-        return cls.from_dict(d.get("data", d))
+        d = read_yaml_mapping(path)
+        d = d.get("data", d)
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: the data section must be a mapping of DataConfig fields")
+        return cls.from_dict(d)
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -276,11 +277,14 @@ def make_shard(cfg_dict: dict, shard: int, overwrite: bool = False) -> dict:
 
 
 def shard_is_current(path: str, cfg: DataConfig, shard: int) -> bool:
+    """The shard at ``path`` holds exactly what ``cfg`` would write there (the same
+    samples, and the same name and split labels)."""
     if not os.path.exists(path):
         return False
     try:
         with h5py.File(path, "r") as f:
             return (f.attrs.get("config_hash") == cfg.content_hash() and int(f.attrs["shard"]) == shard
+                    and f.attrs.get("name") == cfg.name and f.attrs.get("split") == cfg.split
                     and f["phases"].shape[0] == len(cfg.shard_range(shard)))
     except (OSError, KeyError):
         return False
@@ -294,7 +298,8 @@ def generate(cfg: DataConfig, client=None, workers: int = 0, shards: Optional[Se
     many single-threaded processes, and ``workers`` = 0 generates in this process.
     ``shards``: only these (default all). Returns the per-shard summaries, in shard order.
     """
-    shards = list(range(cfg.n_shards)) if shards is None else [int(s) for s in shards]
+    whole = shards is None
+    shards = list(range(cfg.n_shards)) if whole else [int(s) for s in shards]
     cfg_dict = cfg.to_dict()
     bar = None
     if progress:
@@ -332,7 +337,24 @@ def generate(cfg: DataConfig, client=None, workers: int = 0, shards: Optional[Se
     finally:
         if bar is not None:
             bar.close()
+    if whole:
+        for path in stale_shards(cfg):
+            os.unlink(path)
+            log.info("removed %s: a shard of an earlier configuration of %s beyond its %d shards",
+                     path, cfg.name, cfg.n_shards)
     return [out[s] for s in shards if s in out]
+
+
+def stale_shards(cfg: DataConfig) -> list:
+    """Shard files of data set ``cfg.name`` in ``cfg.out_dir`` numbered at or beyond
+    ``cfg.n_shards``: left by an earlier, larger configuration (more samples, smaller
+    shards). Read with the current shards they would add cells, or repeat some."""
+    out = []
+    for path in glob.glob(os.path.join(glob.escape(cfg.out_dir), f"{glob.escape(cfg.name)}-*.h5")):
+        stem = os.path.basename(path)[len(cfg.name) + 1:-3]
+        if stem.isdigit() and int(stem) >= cfg.n_shards:
+            out.append(path)
+    return sorted(out)
 
 
 def shard_files(root) -> list:
@@ -356,6 +378,23 @@ except ImportError:  # pragma: no cover - torch is a project dependency
     _TorchDataset = object
 
 
+def _check_consistent(seen: dict, path: str, attrs) -> None:
+    """ValueError if shard ``path`` and those read before it mix two configurations of one
+    data set in one directory (stale shards of an earlier make_dataset run) or hold the
+    same shard twice (a copy in another directory)."""
+    name, digest = str(attrs.get("name")), str(attrs.get("config_hash"))
+    hashes = seen.setdefault(("hash", os.path.dirname(os.path.abspath(path)), name), {})
+    hashes.setdefault(digest, path)
+    if len(hashes) > 1:
+        a, b = list(hashes.values())[:2]
+        raise ValueError(f"data set {name!r} mixes shards of two configurations ({a} and {b}): regenerate it "
+                         "with python -m hpc.make_dataset (which removes shards beyond the current ones)")
+    key = ("shard", name, digest, int(attrs.get("shard", -1)))
+    if key in seen:
+        raise ValueError(f"shard {attrs.get('shard')} of data set {name!r} is read twice ({seen[key]} and {path})")
+    seen[key] = path
+
+
 class ShardedDataset(_TorchDataset):
     """The samples of sharded HDF5 data sets, read lazily.
 
@@ -370,11 +409,20 @@ class ShardedDataset(_TorchDataset):
 
     def __init__(self, root, split: Optional[str] = None, families: Optional[Sequence[str]] = None,
                  seed: Optional[int] = None):
-        self.files = []
+        self.files, self.hashes = [], []
         rows = []          # (file number, row in file)
         fam, E, nu, vf, gidx = [], [], [], [], []
+        seen = {}         # data-set name -> {config_hash: first file}, and (name, shard) -> file
         for path in shard_files(root):
-            with h5py.File(path, "r") as f:
+            try:
+                f = h5py.File(path, "r")
+            except OSError as e:
+                raise ValueError(f"{path}: not a readable HDF5 data-set shard ({' '.join(str(e).split())})") from None
+            with f:
+                if not {"phases", "family", "E", "nu", "vf", "index"} <= set(f) or "config_hash" not in f.attrs:
+                    raise ValueError(f"{path}: not a data-set shard of python -m hpc.make_dataset "
+                                     "(no /phases, /family ... or config_hash)")
+                _check_consistent(seen, path, f.attrs)
                 if split is not None and f.attrs.get("split") != split:
                     continue
                 if seed is not None and int(f.attrs.get("seed")) != int(seed):
@@ -385,6 +433,7 @@ class ShardedDataset(_TorchDataset):
                     continue
                 fi = len(self.files)
                 self.files.append(os.path.abspath(path))
+                self.hashes.append(str(f.attrs.get("config_hash")))
                 e, v, a, g = f["E"][()], f["nu"][()], f["vf"][()], f["index"][()]
                 for j in keep:
                     rows.append((fi, j))
@@ -412,6 +461,15 @@ class ShardedDataset(_TorchDataset):
         if h is None:
             h = self._handles[fi] = h5py.File(self.files[fi], "r")
         return h
+
+    def identity(self) -> list:
+        """[(config hash, sample index)] in order: which samples these are, wherever the
+        shards lie (a run's data fingerprint, hpc.train)."""
+        return [[self.hashes[int(fi)], int(i)] for (fi, _), i in zip(self.rows, self.index)]
+
+    def grid(self, k: int) -> tuple:
+        """The grid (n_x, n_y, n_z) of sample k, from its shard's header (nothing decompressed)."""
+        return tuple(int(v) for v in self._file(int(self.rows[k][0]))["phases"].shape[1:])
 
     def phases(self, k: int) -> np.ndarray:
         if not -len(self) <= k < len(self):

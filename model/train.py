@@ -254,11 +254,12 @@ def _check_same_step(step: int, device):
 def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: TrainConfig,
           loss_cfg: Optional[LossConfig] = None, rank: int = 0, world: int = 1,
           resume: bool = True, stop_after: Optional[int] = None,
-          progress: Optional[Callable[[int, dict], None]] = None) -> dict:
+          progress: Optional[Callable[[int, dict], None]] = None, data_id: Optional[str] = None) -> dict:
     """Train ``model`` (a CGINS, or DDP around one) on ``cells``; returns the last
     log row. ``stop_after`` ends the run after that many steps of this call (a
     stand-in for being killed; the checkpoint cadence is unchanged).
-    ``progress(step, row)`` is called after every step (progress bar, console log)."""
+    ``progress(step, row)`` is called after every step (progress bar, console log).
+    ``data_id`` (hpc.train's fingerprint of the cells) is stored in the checkpoint."""
     loss_cfg = loss_cfg or LossConfig()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by world {world}")
@@ -323,8 +324,11 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
                 "model": core.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(cfg),
                 "loss_config": loss_cfg.to_dict(),
-                "log": rows, **({"init_from": init} if init else {})})
+                "log": rows, **({"init_from": init} if init else {}),
+                **({"data_id": data_id} if data_id else {})})
             _write_log(log_file, rows)
+    if rank == 0 and rows and done_here == 0:
+        _write_log(log_file, rows)      # a re-run of a finished run: the log as the checkpoint has it
     return row
 
 

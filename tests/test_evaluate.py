@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ import yaml
 
 import solver
 from hpc import evaluate as ev
-from model.data import DataConfig, ShardedDataset, generate
+from model.data import DataConfig, ShardedDataset, generate, shard_files
 from model.train import (TrainConfig, build_model, cell_operator, load_config, load_model, save_checkpoint,
                          train)
 
@@ -199,8 +200,16 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, data_dir, models, capsys
     junk.write_text("not a checkpoint")
     yml = tmp_path / "missing.yaml"
     yml.write_text(yaml.safe_dump({"data": {"name": "nothing", "n": 16, "out_dir": str(tmp_path / "none")}}))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n")
+    mixed = tmp_path / "mixed"                 # a 16^3 shard and a 17^3 one: the second does not fit
+    mixed.mkdir()
+    shutil.copy(shard_files(data_dir)[0], mixed / "a-00000.h5")
+    generate(DataConfig(name="z17", n=17, samples_per_family=1, shard_size=3, out_dir=str(mixed)), workers=0)
     out = tmp_path / "o"
     cases = [
+        ([str(listed)], "must be a mapping"),
+        ([str(mixed), "--models", models["full"]], "cells of (17, 17, 17) are not divisible"),
         ([str(tmp_path / "no_such_dir")], "no data-set shards"),
         ([str(yml)], "python -m hpc.make_dataset"),
         ([data_dir, "--models", f"x={junk}"], "not a CGINS checkpoint"),
@@ -326,6 +335,5 @@ def test_ablation_configs(label):
     args = hpc_train.build_parser().parse_args([path, "--steps", "7"])
     mc2, _, tc2, _ = hpc_train.configure(args)
     assert tc2.steps == 7
-    assert tc2.checkpoint == os.path.join("models", f"ablation_{label}", f"ablation_{label}.pt")
-    assert os.path.dirname(tc2.checkpoint) != "models"       # never next to the shipped models/config.yaml
+    assert tc2.checkpoint == os.path.join("runs", f"ablation_{label}", f"ablation_{label}.pt")
     CGINS(mc2)

@@ -232,3 +232,45 @@ def test_make_dataset_cli(tmp_path):
         cfg = DataConfig.from_yaml(os.path.join(root, "configs", f"data_{name}.yaml"))
         assert cfg.families == data.FAMILIES
     assert DataConfig.from_yaml(os.path.join(root, "configs", "data_heldout.yaml")).samples_per_family >= 200
+
+
+def test_a_smaller_regeneration_removes_stale_shards_and_mixed_shards_are_refused(tmp_path):
+    """make_dataset with fewer samples or another shard size removes the shards beyond the
+    new ones (they were read with the new set: extra cells, some twice); shards of two
+    configurations in one directory are refused; a new split label rewrites the shards."""
+    big = _cfg(tmp_path, samples_per_family=4, shard_size=2)           # 12 samples, 6 shards
+    generate(big, workers=0)
+    assert len(ShardedDataset(tmp_path)) == 12
+    small = _cfg(tmp_path, samples_per_family=2, shard_size=2)         # 6 samples, 3 shards
+    generate(small, workers=0)
+    assert len(shard_files(tmp_path)) == 3
+    ds = ShardedDataset(tmp_path)
+    assert len(ds) == 6 and sorted(ds.index.tolist()) == list(range(6))
+    resized = _cfg(tmp_path, samples_per_family=2, shard_size=4)       # 2 shards: shard 2 is stale
+    generate(resized, workers=0)
+    assert len(shard_files(tmp_path)) == 2 and sorted(ShardedDataset(tmp_path).index.tolist()) == list(range(6))
+    # a stale shard put back by hand (an older make_dataset): refused, not read along
+    make_shard(small.to_dict(), 2)
+    with pytest.raises(ValueError, match="mixes shards of two configurations"):
+        ShardedDataset(tmp_path)
+    os.unlink(small.shard_path(2))
+    # the same samples under another split label are rewritten, not kept as current
+    held = _cfg(tmp_path, samples_per_family=2, shard_size=4, split="heldout")
+    res = generate(held, workers=0)
+    assert not any(r["skipped"] for r in res)
+    assert len(ShardedDataset(tmp_path, split="heldout")) == 6 and len(ShardedDataset(tmp_path, split="train")) == 0
+    # a copy of a shard in another directory is one shard read twice
+    other = tmp_path / "copy"
+    other.mkdir()
+    import shutil
+    shutil.copy(held.shard_path(0), other / "x.h5")
+    with pytest.raises(ValueError, match="read twice"):
+        ShardedDataset([str(tmp_path), str(other)])
+
+
+def test_a_data_yaml_that_is_not_a_mapping_is_one_value_error(tmp_path):
+    for text in ("- a\n", "data: [1, 2]\n", "data: {n: [unclosed\n"):
+        (tmp_path / "d.yaml").write_text(text)
+        with pytest.raises(ValueError) as info:
+            DataConfig.from_yaml(str(tmp_path / "d.yaml"))
+        assert "\n" not in str(info.value)

@@ -105,6 +105,12 @@ def test_bad_config_and_uneven_batch_exit_2(tmp_path):
     ([], "model: [unclosed\n", "not valid YAML"),
     ([], "- a\n- b\n", "must be a mapping"),
     (["--out", "{tmp}/afile"], None, "not a directory"),
+    (["--out", "{tmp}/afile/sub"], None, "is a file, not a directory"),
+    (["--seed", "-1"], None, "train.seed"),
+    ([], "data:\n  trian: somewhere\n", "unknown data keys ['trian']"),
+    ([], "dta:\n  train: somewhere\n", "unknown sections ['dta']"),
+    ([], "data:\n  generate: {n: 8, bogus: 1}\n", "unknown data config keys ['bogus']"),
+    ([], "data:\n  generate: {n: 9, samples_per_family: 1}\n", "do not fit the model"),
 ] + ([(["--device", "cuda"], None, "CUDA is not available")] if not torch.cuda.is_available() else []))
 def test_bad_flags_and_files_are_one_error_line_and_exit_2(flags, text, needle, tmp_path, caplog):
     """refused before anything is written: no traceback, no config.yaml, no checkpoint"""
@@ -120,6 +126,69 @@ def test_bad_flags_and_files_are_one_error_line_and_exit_2(flags, text, needle, 
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and needle in errors[0] and "\n" not in errors[0], errors
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_shards_that_are_not_a_data_set_or_do_not_fit_the_model_exit_2(tmp_path, caplog):
+    """a stray .h5 in the data directory, and shards whose grid the model cannot take:
+    one error line and nothing written (they used to be tracebacks and a config.yaml)"""
+    from model.data import DataConfig, generate
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=1)
+    generate(DataConfig(n=9, samples_per_family=1, shard_size=3, out_dir=str(tmp_path / "d9")), workers=0)
+    generate(DataConfig(n=8, samples_per_family=1, shard_size=3, out_dir=str(tmp_path / "junk")), workers=0)
+    (tmp_path / "junk" / "notes.h5").write_text("junk")
+    for data, needle in (("d9", "do not fit the model"), ("junk", "not a readable HDF5 data-set shard")):
+        caplog.clear()
+        with single_process_env():
+            assert hpc_train.main([cfg, "--out", str(tmp_path / "run"), "--data", str(tmp_path / data)]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and needle in errors[0], errors
+        assert not (tmp_path / "run").exists()
+
+
+def test_resume_keeps_the_seed_batch_and_data_and_needs_no_init_from(tmp_path, caplog):
+    """A resume with another seed, batch or data set is refused (it used to go on and
+    overwrite the record of the steps before); a finished run's re-run repairs its csv;
+    a fine-tuning run resumes after its --init-from file is gone."""
+    from model.data import DataConfig, generate
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=2, checkpoint_every=1)
+    for name, seed in (("a", 3), ("b", 4)):
+        generate(DataConfig(n=8, samples_per_family=1, shard_size=3, seed=seed, out_dir=str(tmp_path / name)),
+                 workers=0)
+    run = ["--out", str(tmp_path / "run"), "--data", str(tmp_path / "a")]
+    with single_process_env():
+        assert hpc_train.main([cfg, *run]) == 0
+        for flags, needle in ((["--seed", "5"], "seed 0 -> 5"), (["--batch-size", "1"], "batch_size 2 -> 1")):
+            caplog.clear()
+            assert hpc_train.main([cfg, *run, "--steps", "3", *flags]) == 2
+            assert needle in caplog.records[-1].getMessage()
+        caplog.clear()
+        assert hpc_train.main([cfg, "--out", str(tmp_path / "run"), "--data", str(tmp_path / "b"), "--steps", "3"]) == 2
+        assert "trained on other cells" in caplog.records[-1].getMessage()
+        csv_path = tmp_path / "run" / "cgins_tiny.csv"
+        csv_path.write_text(csv_path.read_text().splitlines()[0] + "\n")      # as if killed before the csv
+        assert hpc_train.main([cfg, *run]) == 0                                # finished: trains nothing
+        assert len(read_log(csv_path)) == 2
+        assert load_checkpoint(str(tmp_path / "run" / "cgins_tiny.pt"))["step"] == 2
+        # a fine-tuning run whose --init-from file has gone resumes from its own checkpoint
+        init = tmp_path / "init.pt"
+        init.write_bytes((tmp_path / "run" / "cgins_tiny.pt").read_bytes())
+        ft = [cfg, "--out", str(tmp_path / "ft"), "--data", str(tmp_path / "a"), "--init-from", str(init)]
+        assert hpc_train.main([*ft, "--steps", "1"]) == 0
+        init.unlink()
+        assert hpc_train.main([*ft, "--steps", "2"]) == 0
+    assert load_checkpoint(str(tmp_path / "ft" / "cgins_tiny.pt"))["step"] == 2
+
+
+def test_no_config_trains_into_the_shipped_models():
+    """every configs/*.yaml's train.checkpoint lies outside models/: a run with the
+    default output never overwrites a shipped model (cgins_small.yaml once resumed and
+    overwrote models/cgins_default.pt)"""
+    import glob
+    for path in glob.glob(os.path.join(ROOT, "configs", "*.yaml")):
+        d = yaml.safe_load(open(path)) or {}
+        ck = (d.get("train") or {}).get("checkpoint")
+        if ck:
+            assert not os.path.normpath(ck).startswith("models" + os.sep), (path, ck)
 
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
