@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from .element import CORNERS, affine_element_displacements, element_stiffness
-from .materials import phase_lame
+from .materials import phase_lame, phases_present
 
 
 def _element_dofs(shape) -> np.ndarray:
@@ -30,7 +30,7 @@ def assemble(phases, E, nu, h=(1.0, 1.0, 1.0), soft: float = 1e-6):
     """(K, F, ke_per_voxel_index) with K the (3N, 3N) CSR matrix and F (3N, 6) the
     right-hand sides of the six unit strains."""
     phases = np.asarray(phases)
-    lam_p, mu_p = phase_lame(E, nu, soft)
+    lam_p, mu_p = phase_lame(E, nu, soft, present=phases_present(phases, len(np.atleast_1d(E))))
     kes = np.stack([element_stiffness(l, m, h) for l, m in zip(lam_p, mu_p)])  # (P, 24, 24)
     U0 = affine_element_displacements(h)                                       # (6, 24)
     dofs = _element_dofs(phases.shape)

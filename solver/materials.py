@@ -102,20 +102,31 @@ def engineering_constants(C: np.ndarray) -> dict:
     return {k: float(v) for k, v in out.items()}
 
 
-def phase_lame(E, nu, soft: float = 1e-6):
+def phase_lame(E, nu, soft: float = 1e-6, present=None):
     """Per-phase (lambda, mu) with void phases (E == 0) replaced by the soft material
-    E_soft = soft * max(E), keeping that phase's nu (DESIGN.md section 2)."""
+    E_soft = soft * max(E), keeping that phase's nu (DESIGN.md section 2). The max runs
+    over the phases ``present`` in the cell (a boolean mask per phase; default all): a
+    listed phase that no voxel uses must not change C^H through the void."""
     E = np.asarray(E, dtype=np.float64).copy()
     nu = np.asarray(nu, dtype=np.float64)
-    Emax = float(E.max())
+    used = E if present is None else E[np.asarray(present, dtype=bool)[:E.size]]
+    Emax = float(used.max()) if used.size else float(E.max())
     E[E == 0] = soft * Emax
     return lame(E, nu)
+
+
+def phases_present(phases, n_phases: int) -> np.ndarray:
+    """Boolean mask (n_phases,): which phase ids occur in ``phases``."""
+    ids = np.unique(np.asarray(phases))
+    out = np.zeros(n_phases, dtype=bool)
+    out[ids[(ids >= 0) & (ids < n_phases)].astype(np.int64)] = True
+    return out
 
 
 def voigt_reuss_bounds(volume_fractions, E, nu, soft: float = 1e-6):
     """Voigt (arithmetic) and Reuss (harmonic) bounds of the effective stiffness
     for the given phase volume fractions (void as the soft material)."""
-    lam, mu = phase_lame(E, nu, soft)
+    lam, mu = phase_lame(E, nu, soft, present=np.asarray(volume_fractions) > 0)
     Cs = [lam_p * np.outer([1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]) + mu_p * np.diag([2, 2, 2, 1, 1, 1.0])
           for lam_p, mu_p in zip(lam, mu)]
     f = np.asarray(volume_fractions, dtype=np.float64)

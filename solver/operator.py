@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from .domain import SerialDomain
 from .element import CORNERS, affine_element_displacements, lame_stiffness_matrices
-from .materials import phase_lame
+from .materials import phase_lame, phases_present
 
 
 def _psd_factor(K: np.ndarray) -> np.ndarray:
@@ -136,8 +136,13 @@ class ElasticityOperator:
     @classmethod
     def from_phases(cls, phases, E, nu, h, soft: float = 1e-6, domain=None,
                     dtype=torch.float64, device="cpu", **kw):
-        """Operator for a phase-id block (numpy, owned voxels) and phase materials."""
-        lam_p, mu_p = phase_lame(E, nu, soft)
+        """Operator for a phase-id block (numpy, owned voxels) and phase materials. The
+        soft void's E is soft x the largest E among the phases present in the whole cell
+        (over all ranks' blocks: a collective under MPI)."""
+        present = torch.as_tensor(phases_present(phases, len(np.atleast_1d(E))), dtype=torch.float64)
+        if domain is not None:
+            present = domain.max(present)
+        lam_p, mu_p = phase_lame(E, nu, soft, present=present.numpy() > 0)
         ph = torch.as_tensor(np.asarray(phases).astype(np.int64), device=device)
         lam = torch.as_tensor(lam_p, dtype=dtype, device=device)[ph]
         mu = torch.as_tensor(mu_p, dtype=dtype, device=device)[ph]

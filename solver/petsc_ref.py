@@ -68,7 +68,7 @@ import numpy as np
 
 from .element import CORNERS, affine_element_displacements, lame_stiffness_matrices
 from .homogenize import HomogenizationResult
-from .materials import phase_lame
+from .materials import phase_lame, phases_present
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +227,12 @@ class PetscSystem:
         self.ghost_ranges = tuple(reversed(self.dm.getGhostRanges()))
         self.proc_sizes = tuple(reversed(self.dm.getProcSizes()))
         sl = tuple(slice(a, b) for a, b in self.ranges)
-        lam_p, mu_p = phase_lame(E, nu, soft)
         pid = np.asarray(read(sl)).astype(np.int64)
+        present = phases_present(pid, len(np.atleast_1d(E))).astype(np.int64)
+        if self.comm.getSize() > 1:
+            from mpi4py import MPI                      # petsc4py's MPI is mpi4py's
+            self.comm.tompi4py().Allreduce(MPI.IN_PLACE, present, op=MPI.MAX)
+        lam_p, mu_p = phase_lame(E, nu, soft, present=present > 0)      # the soft E from the phases used
         self.lam, self.mu = lam_p[pid], mu_p[pid]                     # owned voxels
         self.K_lam, self.K_mu = lame_stiffness_matrices(self.h)
         self.U0 = affine_element_displacements(self.h)                 # (6, 24)
