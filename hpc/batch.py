@@ -199,12 +199,19 @@ def read_table(path: str) -> list:
 
 # --------------------------------------------------------------------------- inputs
 
-def expand_inputs(patterns: Iterable[str]) -> list:
+def expand_inputs(patterns: Iterable[str], exclude: Iterable[str] = ()) -> list:
     """Absolute paths, in order, without duplicates; arguments that are not files are
-    taken as glob patterns (so a job script can pass 'cells/*.h5' quoted)."""
+    taken as glob patterns (so a job script can pass 'cells/*.h5' quoted). A pattern's
+    matches leave out the paths in ``exclude`` (the output table) and hpc.homogenize's
+    result files (*.result.h5), which are not cells; a file named as such is kept."""
+    skip = {os.path.abspath(e) for e in exclude}
     out, seen = [], set()
     for p in patterns:
-        matches = [p] if os.path.exists(p) else sorted(glob.glob(p))
+        if os.path.exists(p):
+            matches = [p]
+        else:
+            matches = [m for m in sorted(glob.glob(p))
+                       if os.path.abspath(m) not in skip and not m.endswith(".result.h5")]
         for m in matches:
             a = os.path.abspath(m)
             if a not in seen:
@@ -476,7 +483,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         log.error("error: %s", e)
         return EXIT_USAGE
-    paths = expand_inputs(args.cells)
+    named = [c for c in args.cells if not glob.has_magic(c) and not os.path.exists(c)]
+    if named:
+        log.error("error: %s: no such file", named[0])
+        return EXIT_USAGE
+    paths = expand_inputs(args.cells, exclude=[args.output])
     missing = [c for c in args.cells if not glob.glob(c) and not os.path.exists(c)]
     for m in missing:
         log.warning("warning: %s matches no file", m)

@@ -108,6 +108,11 @@ def run_one(solver: str, cell_path: str, rtol: float, precision: str) -> dict:
     except Exception as exc:                      # a failing solver is a table row
         row.update(status="failed", reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
         log.debug("solver %s failed", solver, exc_info=True)
+        if comm is not None and size > 1:
+            # the other ranks may be inside a collective this one will never join: report
+            # the row from here and end the job (an allreduce below would hang forever)
+            print(json.dumps({**row, "wall_s": time.perf_counter() - t0}), flush=True)
+            comm.Abort(1)
     else:
         row.update(precision=res.precision, iterations=int(max(res.iterations)),
                    iterations_cases=list(res.iterations), residuals=list(res.residuals),
@@ -152,9 +157,18 @@ def spawn_one(solver, cell, rtol, precision, ranks=1, launcher=DEFAULT_LAUNCHER,
                 return json.loads(line)
             except json.JSONDecodeError:
                 break
-    tail = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
     return {"solver": solver, "ranks": ranks, "rtol": rtol, "status": "failed",
-            "reason": f"exit {p.returncode}: {tail[-1] if tail else 'no output'}"}
+            "reason": f"exit {p.returncode}: {failure_line(p.stderr or p.stdout)}"}
+
+
+def failure_line(text: str) -> str:
+    """The line of a failed child's output that says why: the last 'error' line (an
+    Open MPI launcher failure comes in a box of dashes whose last line says nothing),
+    else the last line that is not decoration."""
+    lines = [ln.strip() for ln in (text or "").splitlines()]
+    lines = [ln for ln in lines if ln and set(ln) - set("-=*# ")]
+    errors = [ln for ln in lines if "error" in ln.lower() or ln.lower().startswith(("mpirun", "srun"))]
+    return (errors or lines or ["no output"])[-1]
 
 
 def compare(cell, solvers=SOLVERS, rtol=1e-6, precision="float64", ranks=1,

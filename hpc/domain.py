@@ -105,6 +105,38 @@ def multigrid_alignment(global_shape, dims, max_coarse: int = 512, min_axis: int
     return tuple(align)
 
 
+def process_grid(size: int, global_shape, dims=(0, 0, 0)) -> tuple:
+    """MPI.Compute_dims(size, dims) when its blocks fit the grid (at least one cell per
+    block and axis); else, for the free axes (dims 0), the fitting factorization of
+    ``size`` with the most balanced blocks (least block surface). A thin cell, e.g.
+    2 x 16 x 16 on 3 ranks, gets (1, 3, 1) instead of failing on (3, 1, 1). ValueError
+    (one line) when no process grid fits."""
+    size, shape, dims = int(size), tuple(int(n) for n in global_shape), [int(v) for v in dims]
+    _check_mpi()
+    first = tuple(MPI.Compute_dims(size, list(dims)))
+    if all(p <= n for p, n in zip(first, shape)):
+        return first
+    best = None
+    for a in range(1, size + 1):
+        if size % a:
+            continue
+        for b in range(1, size // a + 1):
+            if (size // a) % b:
+                continue
+            cand = (a, b, size // a // b)
+            if any(d and c != d for c, d in zip(cand, dims)) or any(c > n for c, n in zip(cand, shape)):
+                continue
+            blk = [n / c for n, c in zip(shape, cand)]
+            surface = blk[0] * blk[1] + blk[1] * blk[2] + blk[0] * blk[2]
+            if best is None or surface < best[0]:
+                best = (surface, cand)
+    if best is None:
+        grid = "x".join(map(str, shape))
+        raise ValueError(f"no process grid of {size} ranks fits the {grid} grid (at least one cell per rank "
+                         f"and axis{'; dims ' + str(tuple(dims)) if any(dims) else ''}): use fewer ranks")
+    return best[1]
+
+
 def _check_mpi():
     global MPI
     if MPI is None:
@@ -156,7 +188,7 @@ class MPIDomain(BlockLayout):
             d = [0, 0, 0] if dims is None else [int(v) for v in dims]
             if len(d) != 3 or min(d) < 0:
                 raise ValueError(f"dims must be 3 non-negative ints, got {dims}")
-            self.dims = tuple(MPI.Compute_dims(comm.Get_size(), d))
+            self.dims = process_grid(comm.Get_size(), self.global_shape, d)
             self.cart = comm.Create_cart(self.dims, periods=[True] * 3, reorder=False)
         self.comm = self.cart
         self.rank = self.cart.Get_rank()

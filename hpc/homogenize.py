@@ -319,6 +319,10 @@ def main(argv=None) -> int:
         check_output(out_path)
         check_device(args.device)
         domain, cell = load(args, (rank, size))
+        shape = tuple(domain.global_shape) if domain is not None else np.shape(cell.phases)
+        if args.solver == "petsc" and min(shape) < 3:
+            raise InputError(f"--solver petsc needs at least 3 voxels per axis (a periodic box stencil), the cell "
+                             f"is {'x'.join(map(str, shape))}: use --solver pcg")
     except InputError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)

@@ -156,7 +156,12 @@ def setup_parallel(path_or_cell, comm=None, dims=None, align="multigrid", E=None
         name, generator, params = os.path.basename(path), "", {}
     shape, dtype, E, nu, size = meta
     from .domain import MPIDomain
-    domain = _collective(comm, MPIDomain, shape, comm, dims=dims, align=align)
+    def make_domain():
+        try:
+            return MPIDomain(shape, comm, dims=dims, align=align)
+        except ValueError as e:           # no process grid fits the cell: bad input, one line
+            raise CellError(str(e)) from None
+    domain = _collective(comm, make_domain)
     stop = tuple(s + n for s, n in zip(domain.local_start, domain.local_shape))
     phases = _collective(comm, reader, domain.local_start, stop)
     _collective(comm, _validate_global, domain.comm, phases, E, nu, size, dtype)

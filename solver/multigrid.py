@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 #: layers, where PCG stalled (400 iterations, C^H 4% off) until the inverse stayed float64.
 ROUNDED_INVERSE_LIMIT = 0.03
 
+#: Where the rank blocks stop halving (more ranks along an axis than 2-cell units), the
+#: hierarchy ends at that level if a dense coarse solve of it is affordable: at most this
+#: many nodes (a 12288 x 12288 float64 inverse, 1.2 GB, on every rank).
+DENSE_FALLBACK_NODES = 4096
+
 
 def coarsen_domain(domain, shape):
     """The Domain of the coarse grid ``shape``: a SerialDomain for a serial one,
@@ -741,7 +746,15 @@ def build_multigrid(op, smoother: str = "chebyshev", degree: int = 2, ratio: flo
         if int(np.prod(shape)) <= max_coarse or r == (1, 1, 1):
             break
         cshape = coarse_shape(shape, r)
-        cdom = coarsen_domain(lev.domain, cshape)
+        try:
+            cdom = coarsen_domain(lev.domain, cshape)
+        except ValueError as e:       # CoarseningError: the blocks do not halve (more ranks than 2-cell units)
+            if int(np.prod(shape)) > DENSE_FALLBACK_NODES:
+                raise ValueError(f"multigrid: the {'x'.join(map(str, shape))} level does not coarsen on this "
+                                 f"decomposition ({e}); use fewer ranks along the short axes, or "
+                                 "--preconditioner jacobi") from None
+            log.info("multigrid: coarsening stops at %s on this decomposition (%s)", shape, e)
+            break
         if isinstance(lev.op, ElasticityOperator) and level1 == "coefficients":
             cop = galerkin_coefficient_operator(lev.op, r, cdom, chunk=chunk)
         else:

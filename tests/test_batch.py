@@ -177,6 +177,21 @@ def test_bad_usage_exit_status(tmp_path):
     assert batch.main([str(tmp_path / "x.h5"), "-o", str(tmp_path / "r.txt")]) == batch.EXIT_USAGE
 
 
+def test_inputs_leave_out_the_table_and_result_files_and_a_named_missing_file_is_an_error(tmp_path, caplog):
+    """'cells/*.h5' once matched the batch's own .h5 table (and hpc.homogenize's
+    *.result.h5 files): every rerun then had a failed row for it. A file named on the
+    command line that does not exist is exit 2, not a warning and a short table."""
+    for name in ("a.h5", "b.h5", "table.h5", "a.result.h5"):
+        (tmp_path / name).write_text("x")
+    got = batch.expand_inputs([str(tmp_path / "*.h5")], exclude=[str(tmp_path / "table.h5")])
+    assert got == [str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]
+    # named explicitly, a result file is taken (and fails as a cell, in its row)
+    assert batch.expand_inputs([str(tmp_path / "a.result.h5")]) == [str(tmp_path / "a.result.h5")]
+    assert batch.main([str(tmp_path / "a.h5"), str(tmp_path / "missing.h5"), "-o",
+                       str(tmp_path / "r.csv")]) == batch.EXIT_USAGE
+    assert "missing.h5: no such file" in caplog.text and not (tmp_path / "r.csv").exists()
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["-o", "{tmp}/nodir/r.csv"], "does not exist"),
     (["-o", "{tmp}/cell.h5"], "is not a table written by hpc.batch"),     # a cell, not a table

@@ -274,3 +274,29 @@ def test_two_ranks_accept_and_refuse_the_files_a_serial_run_does(mpi_available, 
         lines = [ln for ln in se.splitlines() if ln.startswith("error:")]
         assert rc != 0 and lines == [f"error: {tmp_path / 'size.h5'}: attribute size must be numbers, got '1 1 1'"], se
     assert not (tmp_path / "never.h5").exists()
+
+
+def test_thin_cells_on_more_ranks_than_a_short_axis_holds(mpi_available, tmp_path):
+    """3 ranks on a 2 x 16 x 16 cell get a process grid that fits (MPI.Compute_dims gave
+    3 x 1 x 1 and every rank aborted), and on 4 x 16 x 16 the multigrid hierarchy stops
+    where the rank blocks no longer halve (it aborted with CoarseningError): the same
+    C^H as serial. --solver petsc on a 2-voxel axis is one error line and exit 2."""
+    from hpc.homogenize import main
+    from hpc.results import read_result
+    for shape in ((2, 16, 16), (4, 16, 16)):
+        cell = gyroid_cell((16, 16, 16))
+        cell.phases = np.ascontiguousarray(cell.phases[:shape[0]])
+        cell.phases[0, :, :] = 1                      # keep a solid layer
+        name = "x".join(map(str, shape))
+        write_h5(tmp_path / f"{name}.h5", cell)
+        assert main([str(tmp_path / f"{name}.h5"), "--rtol", "1e-10", "-q", "-o", str(tmp_path / f"s{name}.h5")]) == 0
+        rc, so, se, _ = mpirun(3, "-m", "hpc.homogenize", str(tmp_path / f"{name}.h5"), "--rtol", "1e-10", "-q",
+                               "-o", str(tmp_path / f"m{name}.h5"), timeout=240)
+        assert rc == 0, f"{name}: rc {rc}:\n{so[-2000:]}\n{se[-2000:]}"
+        ser, par = (read_result(str(tmp_path / f"{p}{name}.h5"))["C"] for p in ("s", "m"))
+        assert np.abs(par - ser).max() <= 1e-7 * np.abs(ser).max(), name
+    rc, so, se, _ = mpirun(1, "-m", "hpc.homogenize", str(tmp_path / "2x16x16.h5"), "--solver", "petsc", "-q",
+                           "-o", str(tmp_path / "never.h5"), timeout=120)
+    assert rc == 2 and [ln for ln in se.splitlines() if ln.startswith("error:")] == \
+        ["error: --solver petsc needs at least 3 voxels per axis (a periodic box stencil), the cell is 2x16x16: "
+         "use --solver pcg"], se

@@ -209,6 +209,34 @@ def test_compare_end_to_end(tmp_path):
     assert all(name in table for name in rows) and "reference:" in table
 
 
+def test_a_petsc_row_that_fails_on_two_ranks_ends_with_its_reason(tmp_path):
+    """A PETSc child that fails under mpirun reports its row with the reason (a failing
+    rank now ends the job with MPI Abort after printing its row, instead of waiting in
+    an allreduce that ranks stuck elsewhere never join: compare hung on such a failure),
+    and a launcher's boxed message gives its error line, not the box's row of dashes."""
+    _petsc()
+    _mpirun()
+    import h5py
+    from hpc.compare import failure_line
+    cell = lattice_cell((6, 7, 8), r=0.2)
+    path = tmp_path / "thin.h5"
+    with h5py.File(path, "w") as f:
+        f["phases"] = cell.phases[:, :, :2]                     # 2 voxels along z: PETSc refuses
+        f["materials/E"] = cell.E
+        f["materials/nu"] = cell.nu
+    launcher = " ".join(MPIRUN) + " -n {ranks}"
+    p = subprocess.run([sys.executable, "-m", "hpc.compare", str(path), "--json", "--ranks", "2", "--solvers",
+                        "petsc-gamg", "--launcher", launcher, "--timeout", "120"], capture_output=True, text=True,
+                       env=_env(), cwd=ROOT, timeout=300)
+    rows = {r["solver"]: r for r in json.loads(p.stdout.strip().splitlines()[-1])["rows"]}
+    row = rows["petsc-gamg"]
+    assert row["status"] == "failed" and "at least 3 voxels per axis" in row["reason"], row["reason"]
+    box = ("------------------------------------------------\nmpirun has detected an attempt to run as root.\n"
+           "Running as root is *strongly* discouraged.\n------------------------------------------------\n")
+    assert failure_line(box) == "mpirun has detected an attempt to run as root."
+    assert failure_line("Traceback ...\nValueError: bad\n") == "ValueError: bad"
+
+
 @pytest.mark.parametrize("case", ["not_hdf5", "rtol", "no_file"])
 def test_compare_refuses_bad_input_before_spawning_solvers(case, tmp_path, capsys, monkeypatch):
     """exit 2 with one line, and no solver subprocess (each would fail the same way)"""
