@@ -142,6 +142,20 @@ def homogenize_cell(path: str, options: dict, threads: int = 1) -> dict:
         preconditioner=res.preconditioner, input_sha256=sha, worker=worker)
 
 
+def _failed_row_facts(path: str, options: dict) -> dict:
+    """What a failed cell's row can still say: the settings asked for, and the cell's name
+    and shape when its header reads (an unusable material, say, fails only in the solve)."""
+    out = {k: options[k] for k in ("precision", "preconditioner") if isinstance(options.get(k), str)}
+    try:
+        from microstructures.io import read_header, read_npy_header
+        head = read_npy_header(path) if path.lower().endswith(".npy") else read_header(path)
+        out["shape"] = "x".join(map(str, head["shape"]))
+        out["name"] = head.get("name") or os.path.splitext(os.path.basename(path))[0]
+    except Exception:  # noqa: BLE001 - an unreadable file keeps the row's blanks
+        out["name"] = os.path.splitext(os.path.basename(path))[0]
+    return out
+
+
 # --------------------------------------------------------------------------- table I/O
 
 def table_format(path: str) -> str:
@@ -320,7 +334,7 @@ def run_batch(paths: Sequence[str], output: str, client, options: Optional[dict]
                 except Exception as e:  # cancelled future, lost scheduler
                     err = one_line(e)
                 row = empty_row(path=p, status=FAILED, error=err, input_sha256=shas[p],
-                                rtol=options.get("rtol", math.nan))
+                                rtol=options.get("rtol", math.nan), **_failed_row_facts(p, options))
                 summary.failed += 1
                 summary.failures[p] = err
                 log.warning("failed after %d retries: %s", retries, err if p in err else f"{p}: {err}")

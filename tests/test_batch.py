@@ -65,7 +65,7 @@ def test_batch_isolates_failure_and_rerun_skips(cell_dir, client, tmp_path):
     assert sorted(rows) == paths
     bad = rows[corrupt]
     assert bad["status"] == "failed" and "not an HDF5 file" in bad["error"] and "\n" not in bad["error"]
-    assert np.isnan(bad["C11"])
+    assert np.isnan(bad["C11"]) and bad["name"] == "corrupt" and bad["shape"] == ""   # unreadable: no shape
     for p, r in rows.items():
         if p == corrupt:
             continue
