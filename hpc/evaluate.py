@@ -15,12 +15,13 @@ models/ablation_<label>/):
     python -m hpc.evaluate configs/data_heldout.yaml --preconditioners multigrid jacobi \\
         --solve-per-family 50 -o out/eval_default.json --markdown out/eval_default.md
     python -m hpc.evaluate configs/data_heldout.yaml --no-solve -o out/eval_ablation.json \\
-        --markdown out/eval_ablation.md --models full=models/ablation_full/ablation_full.pt \\
-        WO-CS=models/ablation_wo_cs/ablation_wo_cs.pt WO-GD=models/ablation_wo_gd/ablation_wo_gd.pt \\
-        WO-SV=models/ablation_wo_sv/ablation_wo_sv.pt WO-PM=models/ablation_wo_pm/ablation_wo_pm.pt \\
-        L1=models/ablation_levels1/ablation_levels1.pt L3=models/ablation_levels3/ablation_levels3.pt
+        --markdown out/eval_ablation.md --models full=runs/ablation_full/ablation_full.pt \\
+        WO-CS=runs/ablation_wo_cs/ablation_wo_cs.pt WO-GD=runs/ablation_wo_gd/ablation_wo_gd.pt \\
+        WO-SV=runs/ablation_wo_sv/ablation_wo_sv.pt WO-PM=runs/ablation_wo_pm/ablation_wo_pm.pt \\
+        L1=runs/ablation_levels1/ablation_levels1.pt L3=runs/ablation_levels3/ablation_levels3.pt
 
-(the references are shared through out/references.h5: the second run solves none.)
+(the references are shared through out/references.h5: the second run solves none; models/
+in place of runs/ evaluates the shipped ablations.)
 
 DATA is a directory or glob of shards made by ``python -m hpc.make_dataset`` (model/data.py),
 or a data YAML (configs/data_*.yaml: its ``out_dir`` shards are read; they are not
