@@ -355,6 +355,7 @@ def run(args) -> tuple:
     rank, world, local_rank, device = distributed.init_distributed(
         backend=dist_cfg.get("backend"), device=tc.device, master_port=dist_cfg.get("master_port"))
     try:
+        requested_device = tc.device          # "cuda" spreads ranks over GPUs; "cuda:0" would not
         tc.device = str(device)
         cells, what = training_cells(rest.get("data"), args)
         div = 1 << mc.depth
@@ -375,7 +376,7 @@ def run(args) -> tuple:
             os.makedirs(os.path.dirname(tc.checkpoint) or ".", exist_ok=True)
             _write_yaml_atomic(os.path.join(os.path.dirname(tc.checkpoint) or ".", "config.yaml"), {
                 "model": mc.to_dict(), "loss": lc.to_dict(),
-                "train": dataclasses.asdict(tc), **rest,
+                "train": {**dataclasses.asdict(tc), "device": requested_device}, **rest,
                 "launch": {"world": world, "device": device.type, "cells": what}})
         np.random.seed(tc.seed)
         model = build_model(mc, tc)                    # seeded from train.seed: the same on every rank
