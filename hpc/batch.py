@@ -10,7 +10,7 @@ what was done.
 Columns (``COLUMNS``): the cell (path, name, shape, volume fraction of the non-void
 phases, input sha256), ``status`` (ok / unconverged / failed) with ``error`` (one line),
 C^H as its 21 upper-triangle entries ``C11 C12 .. C16 C22 .. C66`` (Voigt 11, 22, 33, 23,
-13, 12, engineering shear; DESIGN.md section 2), the engineering constants E1 E2 E3 G23
+13, 12, engineering shear; docs/DESIGN.md section 2), the engineering constants E1 E2 E3 G23
 G13 G12 nu12 nu13 nu23, the solve (iterations and true relative residual, maxima over the
 six load cases; converged; the estimated relative C^H error; times; settings) and the
 dask worker that ran it.

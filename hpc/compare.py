@@ -53,7 +53,7 @@ def _petsc_world():
 
 
 def read_cell_file(path):
-    """The cell at ``path``: microstructures.io.read_cell if present, else h5py (DESIGN.md s.4)."""
+    """The cell at ``path``: microstructures.io.read_cell if present, else h5py (docs/DESIGN.md s.4)."""
     try:
         from microstructures.io import read_cell
     except ImportError:
@@ -217,17 +217,19 @@ def format_table(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hpc.compare", description=__doc__.splitlines()[0])
-    p.add_argument("cell", help="cell file (HDF5, DESIGN.md section 4)")
-    p.add_argument("--rtol", type=float, default=1e-6)
+    p.add_argument("cell", help="cell file (HDF5, docs/DESIGN.md section 4)")
+    p.add_argument("--rtol", type=float, default=1e-6, help="relative residual of every solver (default 1e-6)")
     p.add_argument("--precision", choices=("float32", "float64"), default="float64",
-                   help="storage precision of our solvers (PETSc is float64)")
+                   help="storage precision of our solvers (PETSc is float64; default float64)")
     p.add_argument("--solvers", default=",".join(SOLVERS),
                    help=f"comma-separated subset of {','.join(SOLVERS)}")
     p.add_argument("--ranks", type=int, default=int(os.environ.get("RANKS", "1")),
                    help="MPI ranks for the PETSc rows (env RANKS)")
     p.add_argument("--launcher", default=os.environ.get("COMPARE_LAUNCHER", DEFAULT_LAUNCHER),
-                   help="MPI launcher template, {ranks} is replaced (env COMPARE_LAUNCHER)")
-    p.add_argument("--reference-rtol", type=float, default=1e-10)
+                   help="MPI launcher template, {ranks} is replaced (env COMPARE_LAUNCHER); as root add "
+                        "--allow-run-as-root")
+    p.add_argument("--reference-rtol", type=float, default=1e-10,
+                   help="rtol of the multigrid reference the rows are compared with (default 1e-10)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per solver run")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--one", metavar="SOLVER", help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
 """MPIDomain: the periodic grid block-decomposed over a 3-D Cartesian communicator.
 
-Same interface as ``solver.domain.SerialDomain`` (DESIGN.md s.3), so the operator,
+Same interface as ``solver.domain.SerialDomain`` (docs/DESIGN.md s.3), so the operator,
 PCG, C^H and multigrid run distributed without a second code path:
 
 * ``global_shape``, ``local_shape``, ``local_start``, ``local_slice``, ``n_global``,
@@ -42,7 +42,7 @@ that depends on a reduction (PCG's convergence test) therefore agrees on every r
 
 Devices. MPI buffers are contiguous host arrays: CUDA tensors are staged through
 the host (CUDA-aware MPI is a later optimisation). So is overlapping the halo
-exchange with the interior part of the operator apply (DESIGN.md s.5).
+exchange with the interior part of the operator apply (docs/DESIGN.md s.5).
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "at least; the result reports the plain estimate)")
     p.add_argument("--maxiter", type=int, default=20000, help="PCG iteration limit (default 20000)")
     p.add_argument("--precision", choices=["float64", "float32"], default="float64",
-                   help="storage precision of the solve; reductions and C^H are float64")
+                   help="storage precision of the solve (default float64); reductions and C^H are float64")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--solver", default="pcg", choices=["pcg", "petsc", "cgins"],
                    help="pcg: our matrix-free PCG (default); petsc: the assembled PETSc reference "

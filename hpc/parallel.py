@@ -111,7 +111,7 @@ def _validate_global(comm, local: np.ndarray, E, nu, size, dtype):
 def setup_parallel(path_or_cell, comm=None, dims=None, align="multigrid", E=None, nu=None, size=None):
     """(domain, local cell) for this process.
 
-    ``path_or_cell``: an HDF5 cell file (DESIGN.md s.4), a ``.npy`` phase array (give
+    ``path_or_cell``: an HDF5 cell file (docs/DESIGN.md s.4), a ``.npy`` phase array (give
     ``E`` and ``nu``), or an in-memory Cell (every rank holds it; each keeps its
     block). ``comm`` defaults to MPI.COMM_WORLD. With one rank: (SerialDomain, whole
     validated cell). With more: (MPIDomain(global shape, comm, dims, align), Cell

@@ -1,4 +1,4 @@
-"""Result files (DESIGN.md section 4): HDF5, written atomically.
+"""Result files (docs/DESIGN.md section 4): HDF5, written atomically.
 
     /C              float64 (6, 6) Voigt 11,22,33,23,13,12, engineering shear
     /engineering/*  float64 scalars: E1 E2 E3 G23 G13 G12 nu12 nu13 nu23 nu21 nu31

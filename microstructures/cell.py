@@ -1,6 +1,6 @@
 """The unit cell: a periodic voxel grid of phase ids plus isotropic phase materials.
 
-Schema (DESIGN.md section 4): ``phases`` is (n_x, n_y, n_z) uint8/uint16, array index
+Schema (docs/DESIGN.md section 4): ``phases`` is (n_x, n_y, n_z) uint8/uint16, array index
 order [x, y, z]; ``E[p]`` and ``nu[p]`` are the Young's modulus and Poisson ratio of
 phase p; ``E[p] == 0`` marks void (replaced by a soft material in the solver).
 """

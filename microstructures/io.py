@@ -1,4 +1,4 @@
-"""Reading and writing cells (DESIGN.md section 4).
+"""Reading and writing cells (docs/DESIGN.md section 4).
 
 HDF5 schema::
 

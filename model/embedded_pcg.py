@@ -9,7 +9,7 @@ autograd differentiates through alpha_k, beta_k and K p_k.
     p_{k+1} = z_{k+1} + beta_k p_k
 
 P is the mean-free projector per component and load case (the global displacement
-constraint, DESIGN.md s.2); with ``project=False`` it is the identity (the WO-GD
+constraint, docs/DESIGN.md s.2); with ``project=False`` it is the identity (the WO-GD
 ablation: no constraint inside the iteration; K's null space is then left to the
 start value). Dot products are float64 (op.dot), as in the solver.
 """

@@ -5,7 +5,7 @@ For one cell and load case i the potential energy of a displacement fluctuation 
     Pi(u) = 1/2 u.K u - u.f^i                                            (1)
 
 minimised by the solution chi^i, where Pi(chi^i) = -1/2 f^i.chi^i and
-|Omega| C^H_ii = |Omega| <C>_ii + 2 Pi(chi^i) (the energy form of DESIGN.md s.2), so
+|Omega| C^H_ii = |Omega| <C>_ii + 2 Pi(chi^i) (the energy form of docs/DESIGN.md s.2), so
 (1) is the C^H_ii error up to a constant: Pi(u) - Pi(chi) = 1/2 ||u - chi||_K^2.
 
 Coarse level l uses the Galerkin operator K^l = R^l K P^l and load f^l = R^l f

@@ -1,4 +1,4 @@
-"""CGINS: the PCG-informed neural solver (issue 5; DESIGN.md s.3, s.6).
+"""CGINS: the PCG-informed neural solver (issue 5; docs/DESIGN.md s.3, s.6).
 
     inputs on the active voxels          C^b(E, nu) per voxel + Fourier features of x
     encoder                              2 x SparseConv3d(3) + activation

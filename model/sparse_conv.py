@@ -1,4 +1,4 @@
-"""Periodic sparse 3-D convolution in plain PyTorch (DESIGN.md section 6).
+"""Periodic sparse 3-D convolution in plain PyTorch (docs/DESIGN.md section 6).
 
 Features live on the *active* voxels only: a ``SparseGrid`` holds their integer
 coordinates (N, 3) on a periodic grid of shape (n_x, n_y, n_z), plus a batch index

@@ -50,7 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     lr_min_factor: float = 0.05          # cosine decay to lr * lr_min_factor
-    checkpoint: str = "checkpoints/cgins.pt"
+    checkpoint: str = "runs/cgins/cgins.pt"
     checkpoint_every: int = 50
     log_file: str = ""                   # CSV; default: checkpoint path with .csv
     model_dtype: str = "float32"         # network weights

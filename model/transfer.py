@@ -1,7 +1,7 @@
 """Trilinear grid transfers between periodic nodal grids (vertex-centred coarsening).
 
 Coarse node I of level l+1 sits on fine node 2I of level l (node (i, j, k) is the
-(-,-,-) corner of voxel (i, j, k), DESIGN.md s.2). Prolongation P is the trilinear
+(-,-,-) corner of voxel (i, j, k), docs/DESIGN.md s.2). Prolongation P is the trilinear
 (Q1) interpolation, a tensor product of the 1-D periodic rule
 
     (P c)[2I] = c[I],    (P c)[2I + 1] = (c[I] + c[I + 1 mod m]) / 2,

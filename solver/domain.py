@@ -1,4 +1,4 @@
-"""The Domain: the only place where distribution enters the numerics (DESIGN.md s.3).
+"""The Domain: the only place where distribution enters the numerics (docs/DESIGN.md s.3).
 
 Numerical code (operator, PCG, multigrid, C^H, network layers) asks the Domain for
 

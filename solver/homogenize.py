@@ -95,7 +95,7 @@ def homogenize(cell, rtol: float = 1e-6, ctol: Optional[float] = None, maxiter: 
                soft: float = 1e-6, domain=None, x0: Optional[torch.Tensor] = None,
                callback: Optional[Callable] = None, keep_fields: bool = False,
                groups: int = 1, flush_denormal: bool = True) -> HomogenizationResult:
-    """Effective stiffness C^H of a periodic cell (DESIGN.md section 2).
+    """Effective stiffness C^H of a periodic cell (docs/DESIGN.md section 2).
 
     ``cell`` has ``phases`` (the owned block when ``domain`` is distributed), ``E``,
     ``nu`` and ``size``. ``precision`` is the storage precision of the solve; all

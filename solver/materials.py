@@ -104,7 +104,7 @@ def engineering_constants(C: np.ndarray) -> dict:
 
 def phase_lame(E, nu, soft: float = 1e-6, present=None):
     """Per-phase (lambda, mu) with void phases (E == 0) replaced by the soft material
-    E_soft = soft * max(E), keeping that phase's nu (DESIGN.md section 2). The max runs
+    E_soft = soft * max(E), keeping that phase's nu (docs/DESIGN.md section 2). The max runs
     over the phases ``present`` in the cell (a boolean mask per phase; default all): a
     listed phase that no voxel uses must not change C^H through the void."""
     E = np.asarray(E, dtype=np.float64).copy()

@@ -16,7 +16,7 @@ Hierarchy (Homo3D-style element-by-element Galerkin multigrid):
   stiffness contrast of void because nothing is rediscretised;
 * the coarsest level (at most ``max_coarse`` nodes) is solved exactly with the dense
   pseudo-inverse on the mean-free subspace, z = Q (K + s T T^T / N)^-1 Q r with T the
-  three translations and Q the mean-free projector (DESIGN.md s.2: no pinned node).
+  three translations and Q the mean-free projector (docs/DESIGN.md s.2: no pinned node).
 
 The cycle (a V-cycle, or by default a W-cycle below the finest level: two coarse
 corrections on levels 1 and below, which keeps the iterations flat in n at the price of

@@ -2,7 +2,7 @@
 
 Each load case (leading dim B) runs its own CG (its own alpha, beta); the block is
 applied at once. Iterates, residuals and preconditioned residuals are kept mean-free
-per component (the translations are K's null space: DESIGN.md s.2), so the
+per component (the translations are K's null space: docs/DESIGN.md s.2), so the
 preconditioner acts as P M P with P the mean-free projector, which is symmetric
 positive definite on that subspace and keeps CG valid.
 
@@ -10,7 +10,7 @@ Energy bookkeeping (Hestenes-Stiefel; Strakos & Tichy 2002): with
 phi(x) = 1/2 x.Kx - f.x, each step lowers phi by alpha_k (r_k . z_k) / 2, and
 ||x - x*||_K^2 = sum_{j >= k} alpha_j (r_j . z_j).
 In homogenization ||chi - chi*||_K^2 / |Omega| is exactly the error of C^H_ii
-(DESIGN.md s.2), so these terms give the C^H error estimate that ``ctol`` stops on.
+(docs/DESIGN.md s.2), so these terms give the C^H error estimate that ``ctol`` stops on.
 """
 from __future__ import annotations
 

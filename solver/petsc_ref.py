@@ -1,6 +1,6 @@
 """PETSc reference and fallback solver: the same periodic hex8 system, assembled.
 
-An independent path on purpose (DESIGN.md s.3): it shares only the element
+An independent path on purpose (docs/DESIGN.md s.3): it shares only the element
 matrices (solver/element.py) and the soft-void rule (solver/materials.py) with the
 matrix-free code, and solves with PETSc's KSP (CG) and GAMG or Jacobi.
 
@@ -24,7 +24,7 @@ batch, the loop over elements runs in C), ADD_VALUES.
 
 System and C^H
 --------------
-K chi^i = f^i, f^i = sum_e k_e chi0^i_e (DESIGN.md s.2). K is singular with the
+K chi^i = f^i, f^i = sum_e k_e chi0^i_e (docs/DESIGN.md s.2). K is singular with the
 three rigid translations as null space: they are attached to K (MatNullSpace,
 orthonormal constant vectors per component) and removed from every f^i and chi^i.
 GAMG additionally gets the six rigid-body modes (translations and rotations built
@@ -184,7 +184,7 @@ def _cell_header(cell):
 
 
 def _h5_header(path):
-    """_cell_header for an HDF5 cell (DESIGN.md s.4) read with h5py directly."""
+    """_cell_header for an HDF5 cell (docs/DESIGN.md s.4) read with h5py directly."""
     import h5py
     with h5py.File(path, "r") as f:
         shape = f["phases"].shape
@@ -399,7 +399,7 @@ def petsc_homogenize(cell, rtol: float = 1e-6, ksp: str = "cg", pc: str = "gamg"
                      comm=None, monitor: bool = False, maxiter: int = 20000,
                      near_null: str = "rigid", options_prefix: str = "homog_",
                      keep_fields: bool = False) -> HomogenizationResult:
-    """Effective stiffness C^H (DESIGN.md s.2) with PETSc: KSP ``ksp`` + PC ``pc``.
+    """Effective stiffness C^H (docs/DESIGN.md s.2) with PETSc: KSP ``ksp`` + PC ``pc``.
 
     ``cell``: a Cell (replicated on every rank; each rank uses its block) or the path
     of a cell HDF5 file (each rank reads only its block of /phases). ``rtol`` is

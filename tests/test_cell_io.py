@@ -43,7 +43,7 @@ def test_round_trip(tmp_path):
     np.testing.assert_array_equal(back.nu, cell.nu)
     assert back.size == cell.size and back.name == "demo" and back.generator == "test"
     assert back.params == {"a": 1, "b": [1.5, 2.5]}
-    with h5py.File(path, "r") as f:  # the schema of DESIGN.md section 4
+    with h5py.File(path, "r") as f:  # the schema of docs/DESIGN.md section 4
         assert f["phases"].dtype == np.uint8 and f["materials/E"].dtype == np.float64
         assert f.attrs["size"].dtype == np.float64 and f.attrs["size"].shape == (3,)
         assert isinstance(f.attrs["params"], str)

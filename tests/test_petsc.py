@@ -169,7 +169,7 @@ def test_cell_path_reads_blocks(tmp_path):
     import h5py
     cell = lattice_cell((6, 7, 8), r=0.2)
     path = tmp_path / "c.h5"
-    with h5py.File(path, "w") as f:                 # DESIGN.md section 4 schema
+    with h5py.File(path, "w") as f:                 # docs/DESIGN.md section 4 schema
         f["phases"] = cell.phases
         f["materials/E"] = cell.E
         f["materials/nu"] = cell.nu

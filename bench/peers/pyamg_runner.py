@@ -1,7 +1,7 @@
 """PyAMG peer: smoothed-aggregation AMG as the preconditioner of CG on the assembled
 periodic hex8 system of solver/assembled.py (the same K and f^i as our solver).
 
-System (DESIGN.md s.2): K chi^i = f^i, i = 1..6, K singular with the three rigid
+System (docs/DESIGN.md s.2): K chi^i = f^i, i = 1..6, K singular with the three rigid
 translations. The f^i are mean-free per component (a periodic divergence), CG is
 started from 0, so the iterates stay in range(K) up to round-off; the solution is
 projected mean-free afterwards, which leaves C^H unchanged.
