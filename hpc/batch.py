@@ -466,6 +466,8 @@ def bad_options(args) -> Optional[str]:
         v = getattr(args, name)
         if v is not None and not (v > 0 and math.isfinite(v)):
             return f"--{name} must be a positive number, got {v}"
+        if name in ("rtol", "ctol") and v is not None and v >= 1:
+            return f"--{name} {v:g} asks for no accuracy at all (a relative tolerance below 1, e.g. 1e-6)"
     if args.maxiter < 1:
         return f"--maxiter must be >= 1, got {args.maxiter}"
     why = unwritable(args.output)

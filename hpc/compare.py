@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import resource
+import re
 import shlex
 import subprocess
 import sys
@@ -162,13 +163,17 @@ def spawn_one(solver, cell, rtol, precision, ranks=1, launcher=DEFAULT_LAUNCHER,
 
 
 def failure_line(text: str) -> str:
-    """The line of a failed child's output that says why: the last 'error' line (an
-    Open MPI launcher failure comes in a box of dashes whose last line says nothing),
-    else the last line that is not decoration."""
+    """The line of a failed child's output that says why: the child's own last error
+    line ('error: ...', a traceback's 'XError: ...'); else the launcher's (an Open MPI
+    failure comes in a box of dashes whose last line says nothing, and its closing box
+    follows the child's message); else the last line that is not decoration."""
     lines = [ln.strip() for ln in (text or "").splitlines()]
     lines = [ln for ln in lines if ln and set(ln) - set("-=*# ")]
-    errors = [ln for ln in lines if "error" in ln.lower() or ln.lower().startswith(("mpirun", "srun"))]
-    return (errors or lines or ["no output"])[-1]
+    launcher = ("mpirun", "srun", "prterun", "orterun", "primary job", "--------")
+    own = [ln for ln in lines if not ln.lower().startswith(launcher)
+           and (ln.lower().startswith("error") or re.match(r"^[A-Za-z_.]*(Error|Exception)\b", ln))]
+    theirs = [ln for ln in lines if "error" in ln.lower() or ln.lower().startswith(launcher[:2])]
+    return (own or theirs or lines or ["no output"])[-1]
 
 
 def compare(cell, solvers=SOLVERS, rtol=1e-6, precision="float64", ranks=1,

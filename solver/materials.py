@@ -110,7 +110,7 @@ def phase_lame(E, nu, soft: float = 1e-6, present=None):
     E = np.asarray(E, dtype=np.float64).copy()
     nu = np.asarray(nu, dtype=np.float64)
     used = E if present is None else E[np.asarray(present, dtype=bool)[:E.size]]
-    Emax = float(used.max()) if used.size else float(E.max())
+    Emax = float(used.max()) if used.size and used.max() > 0 else float(E.max())   # all-void: the listed max
     E[E == 0] = soft * Emax
     return lame(E, nu)
 

@@ -59,8 +59,10 @@ ROUNDED_INVERSE_LIMIT = 0.03
 
 #: Where the rank blocks stop halving (more ranks along an axis than 2-cell units), the
 #: hierarchy ends at that level if a dense coarse solve of it is affordable: at most this
-#: many nodes (a 12288 x 12288 float64 inverse, 1.2 GB, on every rank).
-DENSE_FALLBACK_NODES = 4096
+#: many nodes. The set-up holds about six 3N x 3N float64 matrices on every rank (K, the
+#: shifted A, its Cholesky factor, the inverse and copies): 1.77 GB and 8 s on one
+#: thread were measured at 2048 nodes, so 1024 nodes costs ~0.45 GB and ~1 s per rank.
+DENSE_FALLBACK_NODES = 1024
 
 
 def coarsen_domain(domain, shape):

@@ -198,6 +198,7 @@ def test_inputs_leave_out_the_table_and_result_files_and_a_named_missing_file_is
     (["-o", "{tmp}/notes.csv"], "is not a table written by hpc.batch"),
     (["-o", "{tmp}/r.csv", "--soft", "-1"], "--soft must be a positive number"),
     (["-o", "{tmp}/r.csv", "--rtol", "nan"], "--rtol must be a positive number"),
+    (["-o", "{tmp}/r.csv", "--rtol", "2"], "asks for no accuracy at all"),
     (["-o", "{tmp}/r.csv", "--maxiter", "0"], "--maxiter must be >= 1"),
 ])
 def test_bad_options_and_tables_are_caught_before_the_cluster_starts(flags, needle, tmp_path, caplog, monkeypatch):

@@ -235,6 +235,9 @@ def test_a_petsc_row_that_fails_on_two_ranks_ends_with_its_reason(tmp_path):
            "Running as root is *strongly* discouraged.\n------------------------------------------------\n")
     assert failure_line(box) == "mpirun has detected an attempt to run as root."
     assert failure_line("Traceback ...\nValueError: bad\n") == "ValueError: bad"
+    child_then_box = ("error: the cell is bad\n" + box.replace("an attempt to run as root", "that one or more "
+                      "processes exited with non-zero status"))
+    assert failure_line(child_then_box) == "error: the cell is bad"
 
 
 @pytest.mark.parametrize("case", ["not_hdf5", "rtol", "no_file"])

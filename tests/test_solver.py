@@ -579,3 +579,7 @@ def test_a_listed_phase_no_voxel_uses_leaves_chom_unchanged(rng):
     ph3[0, 0, 0] = 2
     c = homogenize(Cell(ph3, [0.0, 1.0, 1000.0], [0.3, 0.3, 0.3]), rtol=1e-12).C
     assert np.abs(c - a).max() > 1e-4 * np.abs(a).max()
+    # a cell of void alone (the API does not validate) keeps the soft material of the listed E
+    from solver.materials import phase_lame
+    lam, mu = phase_lame([0.0, 1.0], [0.3, 0.3], present=[True, False])
+    assert mu[0] == pytest.approx(1e-6 / 2.6) and np.all(np.isfinite(lam))

@@ -15,8 +15,8 @@ import numpy as np
 
 
 def write_cell(path: str, cell, soft: float = 1e-6) -> None:
-    from solver.materials import phase_lame
-    lam, mu = phase_lame(cell.E, cell.nu, soft)
+    from solver.materials import phase_lame, phases_present
+    lam, mu = phase_lame(cell.E, cell.nu, soft, present=phases_present(cell.phases, len(cell.E)))
     np.savez(path, phases=np.asarray(cell.phases), E=np.asarray(cell.E, dtype=np.float64),
              nu=np.asarray(cell.nu, dtype=np.float64), lam=lam, mu=mu,
              size=np.asarray(cell.size, dtype=np.float64), soft=np.float64(soft))
