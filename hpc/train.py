@@ -36,10 +36,13 @@ A run resumes from <out>'s checkpoint unless ``--no-resume``. ``--init-from CK``
 train.init_from) starts a fresh run (step 0, a new optimizer and schedule) from the
 weights of checkpoint CK, to fine-tune a trained model (on your own family of cells,
 or with more embedded PCG steps: the model configs may differ only in t and use_pcg,
-and channels may widen, below);
+channels may widen and res_blocks may grow, below);
 the new checkpoint records CK's path, sha256 and step. CK may also be narrower
 (the same depth, each level at most as wide): the run then starts from the
-function-preserving widening of its network (model.network.widen_state_dict). A trained
+function-preserving widening of its network (model.network.widen_state_dict). Or CK
+may have fewer residual blocks per U-Net level (model.res_blocks, the same channels):
+the run starts from its function-preserving deepening, every added block the identity
+(model.network.deepen_state_dict). A trained
 checkpoint ships as ``python -m hpc.export_model RUN.pt OUT.pt`` (weights only); an
 exported file starts runs (--init-from) but cannot be resumed. CPU runs are
 reproducible from ``train.seed`` (same thread count); CUDA runs are not bitwise
@@ -87,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="overrides train.seed (an integer >= 0)")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start a fresh run from this checkpoint's weights (fine-tuning; overrides "
-                        "train.init_from); its model config must match up to t and use_pcg; channels may widen")
+                        "train.init_from); its model config must match up to t and use_pcg; channels may widen, "
+                        "res_blocks may grow")
     p.add_argument("--batch-size", type=int, help="global batch (overrides train.batch_size)")
     p.add_argument("--checkpoint-every", type=int, help="overrides train.checkpoint_every")
     p.add_argument("--data", help="directory or glob of data-set shards (overrides data.train)")

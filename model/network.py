@@ -5,7 +5,10 @@
     U-Net                                depth D = len(channels) - 1; SparseDown /
                                          SparseUp (kernel 2, stride 2), skip connections;
                                          optional input pyramid (the inputs average-pooled
-                                         onto each coarse active set, concatenated)
+                                         onto each coarse active set, concatenated);
+                                         optional residual blocks per level (res_blocks:
+                                         h <- h + conv(act(conv(h))), the second conv
+                                         zero-initialised) after the level's down block
     decoder                              2 x SparseConv3d(3) -> 18 = 6 load cases x 3
     multilevel prediction (L levels)     heads on the U-Net up path at levels l = 1..L-1
                                          give coarse nodal fields u^l on the n / 2^l grid;
@@ -71,6 +74,7 @@ class CGINSConfig:
     input_pyramid: bool = True
     activation: str = "gelu"                   # "gelu", "relu", "silu", "tanh"
     solid_threshold: float = 1e-3              # solid = mu > threshold * max(mu)
+    res_blocks: Tuple[int, ...] = ()           # residual blocks per U-Net level (D + 1 counts; () = none)
 
     def __post_init__(self):
         self.channels = tuple(int(c) for c in self.channels)
@@ -78,6 +82,14 @@ class CGINSConfig:
         if not 1 <= self.levels <= D + 1:
             raise ValueError(f"levels must be in 1..{D + 1} for channels {self.channels}, got {self.levels}")
         n_material_features(self.material_features)
+        rb = tuple(int(r) for r in (self.res_blocks or ()))
+        if rb and (len(rb) != D + 1 or min(rb) < 0):
+            raise ValueError(f"res_blocks must give {D + 1} counts >= 0 (one per level of channels "
+                             f"{list(self.channels)}), got {list(rb)}")
+        self.res_blocks = rb if any(rb) else ()
+
+    def n_res_blocks(self, level: int) -> int:
+        return self.res_blocks[level] if self.res_blocks else 0
 
     @property
     def depth(self) -> int:
@@ -92,8 +104,14 @@ class CGINSConfig:
         return cls(**d)
 
     def to_dict(self) -> dict:
+        """Plain dict (YAML / checkpoint); ``res_blocks`` only when there are any, so a
+        network without them has the config dict it had before the option existed."""
         d = dataclasses.asdict(self)
         d["channels"] = list(self.channels)
+        if self.res_blocks:
+            d["res_blocks"] = list(self.res_blocks)
+        else:
+            del d["res_blocks"]
         return d
 
 
@@ -106,6 +124,25 @@ class CGINSOutput:
 
 
 _ACT = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class SparseResBlock(nn.Module):
+    """h + conv_b(act(conv_a(h))) on one level's active set, conv_b zero-initialised:
+    a new block is the identity, so blocks can be added to a trained network without
+    changing its function (network.deepen_state_dict) and a fresh one starts shallow."""
+
+    def __init__(self, c: int, act: nn.Module, periodic: bool = True):
+        super().__init__()
+        self.conv_a = SparseConv3d(c, c, periodic=periodic)
+        self.conv_b = SparseConv3d(c, c, periodic=periodic)
+        self.act = act
+        with torch.no_grad():
+            self.conv_b.weight.zero_()
+            self.conv_b.bias.zero_()
+
+    def forward(self, h: SparseTensor) -> SparseTensor:
+        r = self.conv_b(h.replace(self.act(self.conv_a(h).features)))
+        return h.replace(h.features + r.features)
 
 
 class CGINS(nn.Module):
@@ -133,6 +170,9 @@ class CGINS(nn.Module):
         self.dec = nn.ModuleList([SparseConv3d(c[0], c[0], periodic=p),
                                   SparseConv3d(c[0], N_OUT, periodic=p)])
         self.heads = nn.ModuleList([SparseConv3d(c[l], N_OUT, kernel=1) for l in range(1, cfg.levels)])
+        self.res = nn.ModuleList([nn.ModuleList([SparseResBlock(c[d], self.act, periodic=p)
+                                                 for _ in range(cfg.n_res_blocks(d))])
+                                  for d in range(D + 1)])
 
     def extra_repr(self) -> str:
         n = sum(q.numel() for q in self.parameters())
@@ -162,6 +202,8 @@ class CGINS(nn.Module):
         h = x
         for conv in self.enc:
             h = h.replace(self.act(conv(h).features))
+        for blk in self.res[0]:
+            h = blk(h)
         skips, inp = [h], x
         for d in range(cfg.depth):
             h = self.down[d](h)
@@ -170,6 +212,8 @@ class CGINS(nn.Module):
                 inp = sparse_avg_pool(inp)
                 h = h.cat(inp)
             h = h.replace(self.act(self.down_block[d](h).features))
+            for blk in self.res[d + 1]:
+                h = blk(h)
             skips.append(h)
         preds = [None] * cfg.levels
         for d in range(cfg.depth, 0, -1):
@@ -309,4 +353,31 @@ def widen_state_dict(old_sd: dict, old_cfg: CGINSConfig, new: CGINS) -> dict:
         if sd[k].shape != old_sd[k].shape:
             raise ValueError(f"{k}: shape {tuple(old_sd[k].shape)} does not match the old config")
         sd[k] = old_sd[k].to(sd[k].dtype).clone()
+    return sd
+
+
+def deepens(old: CGINSConfig, new: CGINSConfig) -> bool:
+    """True if ``new`` has at least ``old``'s residual blocks on every level (same channels)."""
+    return (tuple(old.channels) == tuple(new.channels)
+            and all(new.n_res_blocks(d) >= old.n_res_blocks(d) for d in range(old.depth + 1)))
+
+
+def deepen_state_dict(old_sd: dict, old_cfg: CGINSConfig, new: CGINS) -> dict:
+    """The weights of ``new`` (same config as ``old_cfg`` except more residual blocks)
+    that compute exactly the function of the old network: every old weight is copied,
+    the added blocks keep ``new``'s initialisation, whose second convolution is zero
+    (SparseResBlock), so each added block is the identity until training moves it.
+
+    Raises ValueError if ``new`` does not deepen ``old_cfg``."""
+    if not deepens(old_cfg, new.cfg):
+        raise ValueError(f"res_blocks {list(new.cfg.res_blocks)} do not deepen {list(old_cfg.res_blocks)} "
+                         f"(same channels, at least as many blocks per level)")
+    sd = {k: v.detach().clone() for k, v in new.state_dict().items()}
+    unknown = set(old_sd) - set(sd)
+    if unknown:
+        raise ValueError(f"weights {sorted(unknown)[:3]} of the old network have no place in the new one")
+    for k, v in old_sd.items():
+        if sd[k].shape != v.shape:
+            raise ValueError(f"{k}: shape {tuple(v.shape)} does not match the new config")
+        sd[k] = v.to(sd[k].dtype).clone()
     return sd

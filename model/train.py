@@ -34,7 +34,7 @@ from microstructures.atomic import chmod_like_open
 from solver.operator import ElasticityOperator
 
 from .loss import LossConfig, cgins_loss
-from .network import CGINS, CGINSConfig, widen_state_dict, widens
+from .network import CGINS, CGINSConfig, deepen_state_dict, deepens, widen_state_dict, widens
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,9 @@ def init_checkpoint(path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
     """The checkpoint ``path`` that initialises a fresh run (train.init_from), checked:
     a CGINS checkpoint whose model config equals ``model_cfg`` up to WEIGHTLESS_KEYS,
     or up to those and wider ``channels`` (same depth, each level at least as wide: the
-    run starts from the function-preserving widening, network.widen_state_dict).
+    run starts from the function-preserving widening, network.widen_state_dict), or up
+    to those and more residual blocks per level (``res_blocks``, same channels: the
+    function-preserving deepening, network.deepen_state_dict).
     ValueError with a one-line reason otherwise."""
     if not os.path.isfile(path):
         raise ValueError(f"train.init_from {path}: no such checkpoint file")
@@ -179,11 +181,13 @@ def init_checkpoint(path: str, model_cfg: CGINSConfig, device="cpu") -> dict:
     diff = config_diff(theirs, ours, WEIGHTLESS_KEYS)
     if diff == ["channels"] and widens(theirs["channels"], ours["channels"]):
         diff = []
+    elif diff == ["res_blocks"] and deepens(CGINSConfig.from_dict(theirs), model_cfg):
+        diff = []
     if diff:
         raise ValueError(f"train.init_from {path}: its model config differs in "
                          + ", ".join(f"{k} ({theirs.get(k)!r} there, {ours.get(k)!r} here)" for k in diff)
-                         + f"; only {', '.join(WEIGHTLESS_KEYS)} may differ, and channels may widen "
-                         "(same depth, each level at least as wide)")
+                         + f"; only {', '.join(WEIGHTLESS_KEYS)} may differ, channels may widen "
+                         "(same depth, each level at least as wide), or res_blocks may grow (same channels)")
     return ck
 
 
@@ -194,11 +198,14 @@ def init_weights_from(core: CGINS, path: str, model_cfg: CGINSConfig, device="cp
     path, sha256 of the file, step."""
     ck = init_checkpoint(path, model_cfg, device)
     theirs = list(ck["model_config"]["channels"])
+    old_cfg = CGINSConfig.from_dict(dict(ck["model_config"]))
     info = {}
     if theirs != list(core.cfg.channels):
-        old_cfg = CGINSConfig.from_dict(dict(ck["model_config"]))
         core.load_state_dict(widen_state_dict(ck["model"], old_cfg, core))
         info["widened_from"] = theirs
+    elif old_cfg.res_blocks != core.cfg.res_blocks:
+        core.load_state_dict(deepen_state_dict(ck["model"], old_cfg, core))
+        info["deepened_from"] = list(old_cfg.res_blocks)
     else:
         core.load_state_dict(ck["model"])
     return {"path": path, "sha256": _sha256(path), "step": int(ck.get("step", 0)), **info}
@@ -277,9 +284,14 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
         init = ck.get("init_from")
     elif cfg.init_from:
         init = init_weights_from(core, cfg.init_from, model_cfg, cfg.device)
+        how = ""
+        if "widened_from" in init:
+            how = " widened from channels %s to %s" % (init["widened_from"], list(model_cfg.channels))
+        elif "deepened_from" in init:
+            how = " deepened from res_blocks %s to %s" % (init["deepened_from"] or "none",
+                                                          list(model_cfg.res_blocks))
         log.info("fresh run from the weights of %s (step %d, sha256 %s)%s", init["path"], init["step"],
-                 init["sha256"][:12], " widened from channels %s to %s" % (
-                     init["widened_from"], list(model_cfg.channels)) if "widened_from" in init else "")
+                 init["sha256"][:12], how)
     else:
         init = None
     if world > 1:

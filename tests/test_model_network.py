@@ -275,6 +275,52 @@ def test_widening_preserves_the_function_and_trains_the_new_channels(kw):
         widen_state_dict(wide.state_dict(), wide.cfg, narrow)
 
 
+@pytest.mark.parametrize("kw", [dict(levels=2), dict(levels=3, input_pyramid=False, periodic=False)])
+def test_deepening_preserves_the_function_and_trains_the_new_blocks(kw):
+    """deepen_state_dict (train.init_from into more residual blocks, ``res_blocks``):
+    the deeper network computes the shallow one's output exactly (every added block is
+    the identity: its second convolution starts at zero), the added blocks get a
+    gradient at once, and trained blocks change the function."""
+    from model.network import deepen_state_dict
+    shallow = make_net(seed=0, **kw)
+    deep = make_net(seed=1, **{**kw, "res_blocks": (1, 0, 2)})
+    assert len(deep.res[0]) == 1 and len(deep.res[1]) == 0 and len(deep.res[2]) == 2
+    deep.load_state_dict(deepen_state_dict(shallow.state_dict(), shallow.cfg, deep))
+    op = make_op(gyroid_phases(8))
+    a, b = shallow([op]), deep([op])
+    scale = float(a.u_net.detach().abs().max())
+    assert scale > 0
+    for x, y in [(a.u, b.u), (a.u_net, b.u_net)] + list(zip(a.levels, b.levels)):
+        x, y = x.detach(), y.detach()
+        assert float((x - y).abs().max()) <= 1e-12 * max(scale, float(x.abs().max()))
+    potential_energy(op, b.u_net[0]).sum().backward()
+    for blk in (deep.res[0][0], deep.res[2][1]):
+        assert float(blk.conv_b.weight.grad.abs().max()) > 0        # the zero conv moves first
+    with torch.no_grad():
+        deep.res[2][1].conv_b.weight.normal_(0, 0.1)
+    assert float((deep([op]).u_net - a.u_net).detach().abs().max()) > 1e-6 * scale
+    # a deeper network cannot be loaded into a shallower one, nor another width
+    with pytest.raises(ValueError, match="do not deepen"):
+        deepen_state_dict(deep.state_dict(), deep.cfg, shallow)
+    with pytest.raises(ValueError, match="do not deepen"):
+        deepen_state_dict(shallow.state_dict(), shallow.cfg, make_net(**{**kw, "channels": (4, 6, 9),
+                                                                          "res_blocks": (0, 0, 1)}))
+
+
+def test_res_blocks_config():
+    """One count per U-Net level, none negative; all zero is the same as none, and a
+    config without blocks writes no res_blocks key (older checkpoints' config dicts)."""
+    assert CGINSConfig(**SMALL, res_blocks=[0, 1, 2]).res_blocks == (0, 1, 2)
+    assert CGINSConfig(**SMALL, res_blocks=[0, 1, 2]).to_dict()["res_blocks"] == [0, 1, 2]
+    for rb in ((), (0, 0, 0), None):
+        cfg = CGINSConfig(**SMALL, res_blocks=rb)
+        assert cfg.res_blocks == () and "res_blocks" not in cfg.to_dict()
+        assert CGINSConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in ((1, 2), (0, 0, 0, 1), (0, -1, 1)):
+        with pytest.raises(ValueError, match="res_blocks must give 3 counts"):
+            CGINSConfig(**SMALL, res_blocks=bad)
+
+
 @pytest.mark.parametrize("kw", [dict(levels=1, t=0, use_pcg=False), dict(levels=2, t=3),
                                 dict(levels=3, t=2, soft_voxels=False),
                                 dict(levels=3, t=1, periodic=False, fourier_mode="random",
@@ -310,6 +356,12 @@ def test_shift_equivariance_without_position_features():
     assert shift[0] % (1 << depth) == 0
     err = float((ur - torch.roll(u, shift, dims)).abs().max() / u.abs().max())
     assert err < 1e-10
+    # residual blocks on every level keep the property
+    netr = make_net(levels=2, t=3, position_features=False, res_blocks=(1, 1, 1))
+    for blk in (b for level in netr.res for b in level):
+        blk.conv_b.weight.data.normal_(0, 0.2)              # not the identity
+    u, ur = netr([make_op(ph)]).u, netr([make_op(np.roll(ph, shift, (0, 1, 2)))]).u
+    assert float((ur - torch.roll(u, shift, dims)).abs().max() / u.abs().max()) < 1e-10
     # the property has teeth: with position features the output is not shift-equivariant
     netp = make_net(levels=3, t=3, position_features=True)
     up = netp([make_op(ph)]).u

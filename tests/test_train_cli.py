@@ -348,6 +348,18 @@ def test_init_from_fine_tunes_a_checkpoint_with_another_t(tmp_path):
         wide = load_checkpoint(str(tmp_path / "wide" / "cgins_tiny.pt"))
         assert wide["init_from"]["widened_from"] == list(base["model_config"]["channels"])
         assert wide["model_config"]["channels"] == [6, 11]
+        # residual blocks added: a fresh run from the function-preserving deepening; fewer
+        # blocks than the start has (deep -> base) is a config error below
+        dd = dict(d, model=dict(d["model"], res_blocks=[0, 1]))
+        cfg_d = tmp_path / "tiny_d.yaml"
+        cfg_d.write_text(yaml.safe_dump(dd))
+        assert hpc_train.main([str(cfg_d), "--out", str(tmp_path / "deep"), "--init-from", base_path,
+                               "--steps", "1"]) == 0
+        deep = load_checkpoint(str(tmp_path / "deep" / "cgins_tiny.pt"))
+        assert deep["init_from"]["deepened_from"] == [] and deep["model_config"]["res_blocks"] == [0, 1]
+        assert "res_blocks" not in base["model_config"]
+        assert hpc_train.main([str(cfg_t), "--out", str(tmp_path / "shallow"), "--init-from",
+                               str(tmp_path / "deep" / "cgins_tiny.pt")]) == hpc_train.EXIT_CONFIG
         # another architecture (narrower), a missing file, a non-checkpoint: one-line config errors
         d2 = dict(d, model=dict(d["model"], channels=[4, 6]))
         cfg_c = tmp_path / "tiny_c.yaml"
