@@ -174,3 +174,39 @@ def test_shipped_long_model_records_its_start_and_its_export(name, base_name, st
     assert ck["model_config"] == ck_b["model_config"]
     assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == steps
     assert load_model(path).cfg.channels == (32, 64, 128)
+
+
+def test_shipped_deepened_model_records_its_two_runs():
+    """models/cgins_wide32_deep4_mix_t10 (session 20): cgins_wide32_more4lo_t10 deepened with
+    4 residual blocks on the 8^3 level and fine-tuned on random-graph lattices
+    (configs/cgins_probe_fit1024_deep4_t10.yaml, whose log ships next to it as
+    probe_deep4.csv / probe_deep4_train.log), then on all three families
+    (configs/cgins_wide32_deep4_mix_t10.yaml). The export names the probe run's checkpoint
+    and step, both configs describe the shipped network, the probe log records its start
+    from the shipped more4lo file (by sha256) and the deepening, and the network loads
+    with its blocks."""
+    import csv
+    import hashlib
+
+    from model.train import load_config, load_model
+    root = os.path.join(os.path.dirname(__file__), "..")
+    d = os.path.join(root, "models", "cgins_wide32_deep4_mix_t10")
+    path = os.path.join(d, "cgins_wide32_deep4_mix_t10.pt")
+    ck = load_checkpoint(path)
+    assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == 600
+    assert ck["model_config"]["res_blocks"] == [0, 0, 4] and ck["model_config"]["channels"] == [32, 64, 128]
+    assert ck["init_from"]["path"].endswith("cgins_probe_fit1024_deep4_t10.pt") and ck["init_from"]["step"] == 600
+    assert "deepened_from" not in ck["init_from"]                 # the probe already had the blocks
+    for name in ("cgins_probe_fit1024_deep4_t10.yaml", "cgins_wide32_deep4_mix_t10.yaml"):
+        mc, _, _, _ = load_config(os.path.join(root, "configs", name))
+        assert mc.to_dict() == ck["model_config"], name
+    base = os.path.join(root, "models", "cgins_wide32_more4lo_t10", "cgins_wide32_more4lo_t10.pt")
+    with open(base, "rb") as fh:
+        sha = hashlib.sha256(fh.read()).hexdigest()
+    with open(os.path.join(d, "probe_deep4_train.log")) as fh:
+        log = fh.read()
+    assert f"sha256 {sha[:12]}) deepened from res_blocks none to [0, 0, 4]" in log
+    with open(os.path.join(d, "probe_deep4.csv")) as fh:
+        assert len(list(csv.DictReader(fh))) == 600
+    net = load_model(path)
+    assert [len(r) for r in net.res] == [0, 0, 4] and net.cfg.t == 10
