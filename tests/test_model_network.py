@@ -248,6 +248,17 @@ def test_loss_gradient_wrt_network_parameters_matches_finite_differences():
 
 
 # -- network properties ------------------------------------------------------------
+def _assert_same_outputs(a, b, rtol):
+    """Two CGINSOutputs agree (the PCG output, the network prediction, every level) to
+    ``rtol`` of the prediction's size; returns that size."""
+    scale = float(a.u_net.detach().abs().max())
+    assert scale > 0
+    for x, y in [(a.u, b.u), (a.u_net, b.u_net)] + list(zip(a.levels, b.levels)):
+        x, y = x.detach(), y.detach()
+        assert float((x - y).abs().max()) <= rtol * max(scale, float(x.abs().max()))
+    return scale
+
+
 @pytest.mark.parametrize("kw", [dict(levels=2), dict(levels=3, input_pyramid=False),
                                 dict(levels=1, mean_constraint=False)])
 def test_widening_preserves_the_function_and_trains_the_new_channels(kw):
@@ -259,12 +270,8 @@ def test_widening_preserves_the_function_and_trains_the_new_channels(kw):
     wide = make_net(seed=1, **{**kw, "channels": (6, 9, 13)})
     wide.load_state_dict(widen_state_dict(narrow.state_dict(), narrow.cfg, wide))
     op = make_op(gyroid_phases(8))
-    a, b = narrow([op]), wide([op])
-    scale = float(a.u_net.detach().abs().max())
-    assert scale > 0
-    for x, y in [(a.u, b.u), (a.u_net, b.u_net)] + list(zip(a.levels, b.levels)):
-        x, y = x.detach(), y.detach()
-        assert float((x - y).abs().max()) <= 1e-10 * max(scale, float(x.abs().max()))
+    b = wide([op])
+    _assert_same_outputs(narrow([op]), b, 1e-10)
     energy = potential_energy(op, b.u_net[0]).sum()
     energy.backward()
     g = wide.dec[0].weight.grad                         # (offset, in, out)
@@ -288,11 +295,7 @@ def test_deepening_preserves_the_function_and_trains_the_new_blocks(kw):
     deep.load_state_dict(deepen_state_dict(shallow.state_dict(), shallow.cfg, deep))
     op = make_op(gyroid_phases(8))
     a, b = shallow([op]), deep([op])
-    scale = float(a.u_net.detach().abs().max())
-    assert scale > 0
-    for x, y in [(a.u, b.u), (a.u_net, b.u_net)] + list(zip(a.levels, b.levels)):
-        x, y = x.detach(), y.detach()
-        assert float((x - y).abs().max()) <= 1e-12 * max(scale, float(x.abs().max()))
+    scale = _assert_same_outputs(a, b, 1e-12)
     potential_energy(op, b.u_net[0]).sum().backward()
     for blk in (deep.res[0][0], deep.res[2][1]):
         assert float(blk.conv_b.weight.grad.abs().max()) > 0        # the zero conv moves first

@@ -339,23 +339,20 @@ def test_init_from_fine_tunes_a_checkpoint_with_another_t(tmp_path):
                                "--steps", "2"]) == 0
         ft2 = load_checkpoint(str(tmp_path / "ft" / "cgins_tiny.pt"))
         assert ft2["step"] == 2 and ft2["init_from"] == ft["init_from"]
+        def one_step_from_base(name, **model):
+            """A 1-step fresh run from base with these model keys changed; its checkpoint."""
+            c = tmp_path / f"tiny_{name}.yaml"
+            c.write_text(yaml.safe_dump(dict(d, model=dict(d["model"], **model))))
+            assert hpc_train.main([str(c), "--out", str(tmp_path / name), "--init-from", base_path,
+                                   "--steps", "1"]) == 0
+            return load_checkpoint(str(tmp_path / name / "cgins_tiny.pt"))
         # wider channels: a fresh run from the function-preserving widening
-        dw = dict(d, model=dict(d["model"], channels=[6, 11]))
-        cfg_w = tmp_path / "tiny_w.yaml"
-        cfg_w.write_text(yaml.safe_dump(dw))
-        assert hpc_train.main([str(cfg_w), "--out", str(tmp_path / "wide"), "--init-from", base_path,
-                               "--steps", "1"]) == 0
-        wide = load_checkpoint(str(tmp_path / "wide" / "cgins_tiny.pt"))
+        wide = one_step_from_base("wide", channels=[6, 11])
         assert wide["init_from"]["widened_from"] == list(base["model_config"]["channels"])
         assert wide["model_config"]["channels"] == [6, 11]
         # residual blocks added: a fresh run from the function-preserving deepening; fewer
         # blocks than the start has (deep -> base) is a config error below
-        dd = dict(d, model=dict(d["model"], res_blocks=[0, 1]))
-        cfg_d = tmp_path / "tiny_d.yaml"
-        cfg_d.write_text(yaml.safe_dump(dd))
-        assert hpc_train.main([str(cfg_d), "--out", str(tmp_path / "deep"), "--init-from", base_path,
-                               "--steps", "1"]) == 0
-        deep = load_checkpoint(str(tmp_path / "deep" / "cgins_tiny.pt"))
+        deep = one_step_from_base("deep", res_blocks=[0, 1])
         assert deep["init_from"]["deepened_from"] == [] and deep["model_config"]["res_blocks"] == [0, 1]
         assert "res_blocks" not in base["model_config"]
         assert hpc_train.main([str(cfg_t), "--out", str(tmp_path / "shallow"), "--init-from",
