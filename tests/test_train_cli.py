@@ -339,6 +339,7 @@ def test_init_from_fine_tunes_a_checkpoint_with_another_t(tmp_path):
                                "--steps", "2"]) == 0
         ft2 = load_checkpoint(str(tmp_path / "ft" / "cgins_tiny.pt"))
         assert ft2["step"] == 2 and ft2["init_from"] == ft["init_from"]
+
         def one_step_from_base(name, **model):
             """A 1-step fresh run from base with these model keys changed; its checkpoint."""
             c = tmp_path / f"tiny_{name}.yaml"
@@ -350,8 +351,8 @@ def test_init_from_fine_tunes_a_checkpoint_with_another_t(tmp_path):
         wide = one_step_from_base("wide", channels=[6, 11])
         assert wide["init_from"]["widened_from"] == list(base["model_config"]["channels"])
         assert wide["model_config"]["channels"] == [6, 11]
-        # residual blocks added: a fresh run from the function-preserving deepening; fewer
-        # blocks than the start has (deep -> base) is a config error below
+        # residual blocks added: a fresh run from the function-preserving deepening; a run
+        # with fewer blocks than its start (deep -> the base config) is a config error
         deep = one_step_from_base("deep", res_blocks=[0, 1])
         assert deep["init_from"]["deepened_from"] == [] and deep["model_config"]["res_blocks"] == [0, 1]
         assert "res_blocks" not in base["model_config"]
