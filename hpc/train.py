@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -402,6 +403,13 @@ def run(args) -> tuple:
         distributed.barrier()
         return model, row, rank, world
     finally:
+        if world > 1:
+            # the DDP wrapper's reducer holds the process group: free it (and its gloo
+            # threads) here, not at interpreter exit, where it could abort the process
+            # after a finished run (seen once in CI: "terminate called without an active
+            # exception" on one rank after the last step)
+            net = None
+            gc.collect()
         distributed.shutdown()
 
 
