@@ -133,6 +133,44 @@ def test_references_are_cached(first, data_dir, models, monkeypatch):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
+def test_references_rebuilt_from_a_report(first, data_dir, models, monkeypatch, tmp_path):
+    """bench/refs_from_report.py: a cache rebuilt from a report's cells serves every reference
+    bit for bit; a cell whose hash differs is not served (it would be solved)."""
+    out, rep = first
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import refs_from_report as rfr
+    finally:
+        sys.path.pop(0)
+    report = tmp_path / "rep.json"
+    with open(out / "ev.json") as fh:
+        doc = json.load(fh)
+    doc["cells"].append(dict(doc["cells"][0], id="other:tpms-0", key="0" * 16))   # an extra cell is harmless
+    report.write_text(json.dumps(doc))
+    refs = tmp_path / "rebuilt.h5"
+    assert rfr.main([str(report), "-o", str(refs)]) == 0
+    assert rfr.main([str(report), "-o", str(refs)]) == 0                           # a merge adds nothing
+    assert len(ev.ReferenceCache(str(refs)).entries) == len(rep["cells"]) + 1
+    monkeypatch.setattr(solver, "homogenize", lambda *a, **k: pytest.fail("a reference was solved"))
+    rc = run_eval(data_dir, "--models", f"full={models['full']}", "--per-family", "1", "--t", "0",
+                  "--no-solve", "-q", "--refs", refs, "-o", tmp_path / "ev3.json")
+    assert rc == 0
+    rep3 = json.load(open(tmp_path / "ev3.json"))
+    assert rep3["references"]["computed"] == 0 and rep3["references"]["cached"] == len(rep["cells"])
+    assert [c["C_ref"] for c in rep3["cells"]] == [c["C_ref"] for c in rep["cells"]]
+    for c3, c in zip(rep3["cells"], rep["cells"]):                                  # the same deltas
+        assert c3["models"]["full"]["0"]["delta"] == pytest.approx(c["models"]["full"]["0"]["delta"], rel=1e-12)
+    # a changed hash (other data or reference settings) is a miss
+    cache = ev.ReferenceCache(str(refs))
+    c0 = rep["cells"][0]
+    assert cache.get(c0["id"], c0["key"]) is not None and cache.get(c0["id"], "f" * 16) is None
+    assert np.all(np.isnan(cache.get(c0["id"], c0["key"])["residuals"]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"cells": [dict(c0, C_ref=[[1.0]])]}))
+    assert rfr.main([str(bad), "-o", str(tmp_path / "bad.h5")]) == 2
+    assert not os.path.exists(tmp_path / "bad.h5")
+
+
 def test_aggregation_counts_add_up(tmp_path, data_dir, models, first):
     # narrow bins: some cells fall below / above them and must still be counted
     rc = run_eval(data_dir, "--models", f"full={models['full']}", "--per-family", "2", "--t", "0",
