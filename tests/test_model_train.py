@@ -179,6 +179,28 @@ def test_shipped_long_model_records_its_start_and_its_export(name, base_name, st
     assert net.cfg.channels == (32, 64, 128) and net.cfg.res_blocks == tuple(ck_b["model_config"].get("res_blocks", ()))
 
 
+@pytest.mark.parametrize("name,base_name,blocks_from,blocks,steps", [
+    ("cgins_wide32_deep28_mix4_t10", "cgins_wide32_deep4_mix3_t10", [0, 0, 4], [0, 2, 8], 650)])
+def test_shipped_model_deepened_from_a_shipped_one(name, base_name, blocks_from, blocks, steps):
+    """models/cgins_wide32_deep28_mix4_t10 (session 22) is cgins_wide32_deep4_mix3_t10 with
+    residual blocks added (train.init_from into more res_blocks, the new ones starting as the
+    identity) and trained on: the export names its start by sha256 and the blocks it had, the
+    two model configs differ only in res_blocks, its config file describes it, and it loads
+    with its blocks."""
+    from model.train import WEIGHTLESS_KEYS, load_config, load_model
+    ck_b, ck, path = _shipped_pair(name, base_name)
+    assert ck_b["model_config"]["res_blocks"] == ck["init_from"]["deepened_from"] == blocks_from
+    diff = {k for k in ck_b["model_config"] if ck_b["model_config"][k] != ck["model_config"][k]}
+    assert diff - set(WEIGHTLESS_KEYS) == {"res_blocks"} and ck["model_config"]["res_blocks"] == blocks
+    assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == steps
+    root = os.path.join(os.path.dirname(__file__), "..")
+    mc, _, _, _ = load_config(os.path.join(root, "configs", name + ".yaml"))
+    assert mc.to_dict() == ck["model_config"]
+    net = load_model(path)
+    assert net.cfg.res_blocks == tuple(blocks) and ck["model_config"]["t"] == 10
+    assert [len(r) for r in net.res] == blocks
+
+
 def test_shipped_deepened_model_records_its_two_runs():
     """models/cgins_wide32_deep4_mix_t10 (session 20): cgins_wide32_more4lo_t10 deepened with
     4 residual blocks on the 8^3 level and fine-tuned on random-graph lattices
