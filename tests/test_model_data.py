@@ -232,6 +232,10 @@ def test_make_dataset_cli(tmp_path):
         cfg = DataConfig.from_yaml(os.path.join(root, "configs", f"data_{name}.yaml"))
         assert cfg.families == data.FAMILIES
     assert DataConfig.from_yaml(os.path.join(root, "configs", "data_heldout.yaml")).samples_per_family >= 200
+    shipped = sorted(f for f in os.listdir(os.path.join(root, "configs")) if f.startswith("data_") and f.endswith(".yaml"))
+    for f in shipped:                                    # every data config the models cite parses
+        cfg = DataConfig.from_yaml(os.path.join(root, "configs", f))
+        assert set(cfg.families) <= set(data.FAMILIES) and cfg.samples_per_family > 0, f
 
 
 def test_a_smaller_regeneration_removes_stale_shards_and_mixed_shards_are_refused(tmp_path):
