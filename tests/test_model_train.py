@@ -168,14 +168,16 @@ def test_shipped_widened_model_records_its_narrow_start(name, channels, base_nam
                                                    ("cgins_wide32_deep28_mix7_t10", "cgins_wide32_deep28_mix6_t10", 400),
                                                    ("cgins_wide32_deep28_mix8_t10", "cgins_wide32_deep28_mix7_t10", 400),
                                                    ("cgins_wide32_deep28_mix9_t10", "cgins_wide32_deep28_mix8_t10", 400),
-                                                   ("cgins_wide32_deep28_mix10_t10", "cgins_wide32_deep28_mix9_t10", 400)])
+                                                   ("cgins_wide32_deep28_mix10_t10", "cgins_wide32_deep28_mix9_t10", 400),
+                                                   ("cgins_wide32_deep28_mix11_t10", "cgins_wide32_deep28_mix10_t10", 400)])
 def test_shipped_long_model_records_its_start_and_its_export(name, base_name, steps):
     """models/cgins_wide32_long_t10 trained models/cgins_wide32_t10 on, cgins_wide32_more_t10
     trained that one on, cgins_wide32_more2_t10 that one, cgins_wide32_more3_t10 that one and
     cgins_wide32_more4lo_t10 that one, cgins_wide32_deep4_mix3_t10 trained cgins_wide32_deep4_mix_t10 on,
     cgins_wide32_deep28_mix5_t10 trained cgins_wide32_deep28_mix4_t10 on, cgins_wide32_deep28_mix6_t10
     that one, cgins_wide32_deep28_mix7_t10 that one, cgins_wide32_deep28_mix8_t10 that one,
-    cgins_wide32_deep28_mix9_t10 that one and cgins_wide32_deep28_mix10_t10 that one
+    cgins_wide32_deep28_mix9_t10 that one, cgins_wide32_deep28_mix10_t10 that one and
+    cgins_wide32_deep28_mix11_t10 that one
     (train.init_from, the same model config); all ship as exports
     (hpc.export_model: no optimizer state): each names its start with that file's sha256
     and its exported source, and loads."""
