@@ -7,6 +7,7 @@ autograd keeps for backward, with the two ways autograd can go through K u:
   forced here by turning ``ElasticityOperator._symmetric_grad_ok`` off).
 
     python bench/bench_train_step.py [--t 4 10] [--threads 1] [--rounds 3] [--write]
+    python bench/bench_train_step.py --device cuda --config configs/cgins_wide32_deep28_mix11_t10.yaml --t 10
 
 The cells are the first ``--batch`` draws of the training generator at 32^3 (the
 families in turn, ``hpc.train.generated_cells``: no data set needed); the model is the
@@ -41,6 +42,7 @@ def parse(argv=None):
     p.add_argument("--n", type=int, default=32, help="voxels per axis")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default cpu)")
     p.add_argument("--write", action="store_true", help="replace the bench-train-step section of BENCHMARKS.md")
     return p.parse_args(argv)
 
@@ -67,19 +69,26 @@ class SavedBytes:
         self._ctx.__exit__(*exc)
 
 
+def _now(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)     # the queued kernels belong to the phase that queued them
+    return time.perf_counter()
+
+
 def one_step(net, opt, ops, loss_cfg):
     from model.loss import cgins_loss
+    dev = ops[0].device
     opt.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
+    t0 = _now(dev)
     with SavedBytes() as saved:
         out = net(ops)
-        t1 = time.perf_counter()
+        t1 = _now(dev)
         loss, _ = cgins_loss(ops, out, loss_cfg)
-    t2 = time.perf_counter()
+    t2 = _now(dev)
     loss.backward()
-    t3 = time.perf_counter()
+    t3 = _now(dev)
     opt.step()
-    t4 = time.perf_counter()
+    t4 = _now(dev)
     return {"forward": t1 - t0, "loss": t2 - t1, "backward": t3 - t2, "total": t4 - t0,
             "saved_mb": saved.bytes / 2**20, "loss_value": float(loss.detach())}
 
@@ -93,7 +102,7 @@ def run(args) -> list:
     torch.set_num_threads(args.threads)
     cells = generated_cells({"n": args.n, "samples_per_family": -(-args.batch // 3)})[:args.batch]
     mc, lc, tc, _ = load_config(args.config)
-    ops = [cell_operator(c, torch.float32, "cpu", tc.soft) for c in cells]
+    ops = [cell_operator(c, torch.float32, args.device, tc.soft) for c in cells]
     form_of_apply = ops[0].apply_form()
     symmetric_ok = ElasticityOperator._symmetric_grad_ok
     rows = []
@@ -105,7 +114,7 @@ def run(args) -> list:
                 ElasticityOperator._symmetric_grad_ok = symmetric_ok if form == "symmetric" else \
                     (lambda self: False)
                 torch.manual_seed(0)
-                net = CGINS(mc)
+                net = CGINS(mc).to(args.device)
                 opt = torch.optim.AdamW(net.parameters(), lr=tc.lr)
                 m = one_step(net, opt, ops, lc)
                 if r:
@@ -156,6 +165,9 @@ def section(rows, m, args) -> str:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.write and args.device != "cpu":
+        print("bench_train_step: --write records the CPU section; drop it with --device", file=sys.stderr)
+        return 2
     rows = run(args)
     if args.write:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

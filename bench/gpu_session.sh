@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# One GPU session's CUDA checks and measurements as a single command (BENCHMARKS.md,
+# "GPU session"). Each part has its own time limit and the script goes on when one
+# fails; the fine-tune gets what is left of BUDGET seconds. Results land in $OUT:
+#   logs.tar.gz       every part's log, the JSON / Markdown reports, the fine-tune's loss log
+#   ft.pt.partNN      the exported fine-tuned checkpoint, split in 15 MiB pieces (cat them)
+#
+#   OUT=out/gpu BUDGET=450 bash bench/gpu_session.sh
+#
+# Needs a CUDA device, python3 with torch, h5py, scipy and yaml, and the data sets
+# data/heldout32 (configs/data_heldout.yaml), data/train32 (configs/data_train.yaml) and
+# data/train32_shell1024g (configs/data_train_shell1024g.yaml).
+set -u
+OUT=${OUT:-out/gpu}
+BUDGET=${BUDGET:-450}
+PY=${PYTHON:-python3}
+MIX11=models/cgins_wide32_deep28_mix11_t10/cgins_wide32_deep28_mix11_t10.pt
+FT_CFG=configs/cgins_gpu_ft_mix11_t10.yaml
+W=$OUT/work
+mkdir -p "$W"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+START=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+part() {    # part NAME LIMIT_S CMD...: run CMD with a time limit, log to $W/NAME.log
+    local name=$1 lim=$2 s rc
+    shift 2
+    if [ "$lim" -gt "$(left)" ]; then lim=$(left); fi
+    if [ "$lim" -le 5 ]; then echo "== $name: skipped, budget spent"; return 1; fi
+    echo "== $name (limit ${lim} s) $(date -u +%T)"
+    s=$(date +%s)
+    timeout "$lim" "$@" > "$W/$name.log" 2>&1
+    rc=$?
+    echo "   rc=$rc, $(( $(date +%s) - s )) s"
+    tail -n 6 "$W/$name.log" | sed 's/^/   /'
+    return $rc
+}
+
+part env 30 bash -c "nvidia-smi; $PY -c 'import torch, sys, platform; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0)); print(platform.processor(), \"cpus\", __import__(\"os\").cpu_count())'"
+
+# 1. the CUDA path against the CPU path
+part pytest_cuda 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_model_sparse_conv.py
+
+# 2. multigrid-PCG on the GPU at growing n (float32, rtol 1e-6, six load cases)
+part mg_64_128 60 $PY bench/bench_multigrid.py --n 64 128 --cells gyroid octet --dtype float32 --device cuda
+part mg_256 60 $PY bench/bench_multigrid.py --n 256 --cells gyroid --dtype float32 --device cuda
+
+# 3. the warm start on the GPU: held-out cells, delta at t = 0 and 10, and the solver
+#    comparison (zero start vs network start, inference included) on the same cells
+part eval_gpu 120 $PY -m hpc.evaluate data/heldout32 --per-family 20 --solve-per-family 20 --t 0 10 \
+    --device cuda --models "mix11=$MIX11" --refs "$W/refs.h5" -o "$W/eval_gpu.json" --markdown "$W/eval_gpu.md"
+
+# 4. the 32^3-trained model as the start of bigger cells (the answer is the solver's either way)
+cells() {
+    for n in 64 128; do
+        $PY -m microstructures tpms G --form sheet --vf 0.2 -n $n -o "$W/G$n.h5" || return 1
+        $PY -m hpc.homogenize "$W/G$n.h5" --device cuda --precision float32 --solver cgins --model "$MIX11" \
+            --baseline --json -o "$W/G$n.result.h5" || return 1
+    done
+}
+export -f cells
+export W PY MIX11
+part cgins_big 90 bash -c cells
+
+# 5. training: the step time of the fine-tune's model, then the fine-tune with what is left
+part train_step 60 $PY bench/bench_train_step.py --device cuda --config "$FT_CFG" --t 10 --batch 8 --rounds 2
+STEP_S=$(sed -n 's/.*symmetric.*step \([0-9.]*\) s.*/\1/p' "$W/train_step.log" | head -n 1)
+TRAIN_S=$(( $(left) - 45 ))
+if [ -n "$STEP_S" ] && [ "$TRAIN_S" -gt 30 ]; then
+    # ~20% over the bench's step for data loading, operator set-up and checkpoints
+    STEPS=$($PY -c "print(max(20, int($TRAIN_S / ($STEP_S * 1.2)) // 10 * 10))")
+    echo "== fine-tune: $STEPS steps at ~$STEP_S s a step in ${TRAIN_S} s"
+    part finetune $(( TRAIN_S + 30 )) $PY -m hpc.train "$FT_CFG" --device cuda --steps "$STEPS" \
+        --checkpoint-every 50 --out "$W/ft" --no-progress
+    CK=$W/ft/cgins_gpu_ft_mix11_t10.pt
+    if [ -f "$CK" ]; then
+        $PY -m hpc.export_model "$CK" "$W/ft.pt" && split -b 15M -d "$W/ft.pt" "$OUT/ft.pt.part"
+        cp "$W/ft/"*.csv "$W/ft/config.yaml" "$W/" 2>/dev/null
+    fi
+fi
+echo "== done after $(( $(date +%s) - START )) s"
+tar czf "$OUT/logs.tar.gz" -C "$W" --exclude=ft --exclude=ft.pt --exclude='*.h5' .
+rm -rf "$W"
