@@ -6,6 +6,10 @@
 #   ft.pt.partNN      the exported fine-tuned checkpoint, split in 15 MiB pieces (cat them)
 #
 #   OUT=out/gpu BUDGET=450 bash bench/gpu_session.sh
+#   OUT=out/gpu BUDGET=300 PARTS="pytest mg cgins eval mg256" bash bench/gpu_session.sh
+#
+# PARTS (default all): pytest, mg (64^3 and 128^3), cgins (64^3 and 128^3 cells from the
+# network), eval (held-out deltas and the solver comparison), mg256, train.
 #
 # Needs a CUDA device, python3 with torch, h5py, scipy and yaml, and the data sets
 # data/heldout32 (configs/data_heldout.yaml), data/train32 (configs/data_train.yaml) and
@@ -13,6 +17,7 @@
 set -u
 OUT=${OUT:-out/gpu}
 BUDGET=${BUDGET:-450}
+PARTS=${PARTS:-all}
 PY=${PYTHON:-python3}
 MIX11=models/cgins_wide32_deep28_mix11_t10/cgins_wide32_deep28_mix11_t10.pt
 FT_CFG=configs/cgins_gpu_ft_mix11_t10.yaml
@@ -20,6 +25,7 @@ W=$OUT/work
 mkdir -p "$W"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 START=$(date +%s)
+want() { [ "$PARTS" = all ] || [[ " $PARTS " == *" $1 "* ]]; }
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 
 part() {    # part NAME LIMIT_S CMD...: run CMD with a time limit, log to $W/NAME.log
@@ -39,15 +45,14 @@ part() {    # part NAME LIMIT_S CMD...: run CMD with a time limit, log to $W/NAM
 part env 30 bash -c "nvidia-smi; $PY -c 'import torch, sys, platform; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0)); print(platform.processor(), \"cpus\", __import__(\"os\").cpu_count())'"
 
 # 1. the CUDA path against the CPU path
-part pytest_cuda 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_model_sparse_conv.py
+want pytest && part pytest_cuda 150 $PY -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_model_sparse_conv.py
 
 # 2. multigrid-PCG on the GPU at growing n (float32, rtol 1e-6, six load cases)
-part mg_64_128 60 $PY bench/bench_multigrid.py --n 64 128 --cells gyroid octet --dtype float32 --device cuda
-part mg_256 60 $PY bench/bench_multigrid.py --n 256 --cells gyroid --dtype float32 --device cuda
+want mg && part mg_64_128 60 $PY bench/bench_multigrid.py --n 64 128 --cells gyroid octet --dtype float32 --device cuda
 
 # 3. the warm start on the GPU: held-out cells, delta at t = 0 and 10, and the solver
 #    comparison (zero start vs network start, inference included) on the same cells
-part eval_gpu 120 $PY -m hpc.evaluate data/heldout32 --per-family 20 --solve-per-family 20 --t 0 10 \
+want eval && part eval_gpu 120 $PY -m hpc.evaluate data/heldout32 --per-family 20 --solve-per-family 20 --t 0 10 \
     --device cuda --models "mix11=$MIX11" --refs "$W/refs.h5" -o "$W/eval_gpu.json" --markdown "$W/eval_gpu.md"
 
 # 4. the 32^3-trained model as the start of bigger cells (the answer is the solver's either way)
@@ -60,13 +65,16 @@ cells() {
 }
 export -f cells
 export W PY MIX11
-part cgins_big 90 bash -c cells
+want cgins && part cgins_big 90 bash -c cells
 
-# 5. training: the step time of the fine-tune's model, then the fine-tune with what is left
-part train_step 60 $PY bench/bench_train_step.py --device cuda --config "$FT_CFG" --t 10 --batch 8 --rounds 2
-STEP_S=$(sed -n 's/.*symmetric.*step \([0-9.]*\) s.*/\1/p' "$W/train_step.log" | head -n 1)
+# 5. multigrid-PCG at 256^3 (what is left of the budget, at most 120 s)
+want mg256 && part mg_256 120 $PY bench/bench_multigrid.py --n 256 --cells gyroid --dtype float32 --device cuda
+
+# 6. training: the step time of the fine-tune's model, then the fine-tune with what is left
+want train && part train_step 60 $PY bench/bench_train_step.py --device cuda --config "$FT_CFG" --t 10 --batch 8 --rounds 2
+STEP_S=$(sed -n 's/.*symmetric.*step \([0-9.]*\) s.*/\1/p' "$W/train_step.log" 2>/dev/null | head -n 1)
 TRAIN_S=$(( $(left) - 45 ))
-if [ -n "$STEP_S" ] && [ "$TRAIN_S" -gt 30 ]; then
+if want train && [ -n "$STEP_S" ] && [ "$TRAIN_S" -gt 30 ]; then
     # ~20% over the bench's step for data loading, operator set-up and checkpoints
     STEPS=$($PY -c "print(max(20, int($TRAIN_S / ($STEP_S * 1.2)) // 10 * 10))")
     echo "== fine-tune: $STEPS steps at ~$STEP_S s a step in ${TRAIN_S} s"

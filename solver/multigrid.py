@@ -40,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from .ieee import conv3d
 
 from .domain import SerialDomain
 from .element import CORNERS
@@ -315,11 +315,11 @@ def _gather_element_dofs(win: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
     if B == 1 and nx >= 2 and win.device.type == "cpu":
         L = (nx + 1) // 2
         inp = torch.cat([win[:, :, :L + 1], win[:, :, nx - L:]]).contiguous(memory_format=torch.channels_last_3d)
-        o = F.conv3d(inp, gw).permute(0, 2, 3, 4, 1)                 # (2, L, n_y, n_z, 24)
+        o = conv3d(inp, gw).permute(0, 2, 3, 4, 1)                 # (2, L, n_y, n_z, 24)
         o = o.contiguous() if 2 * L == nx else torch.cat([o[0], o[1, 1:]])
         return o.reshape(1, -1, 24)
     # (.contiguous(): with one load case the output may be channels-first)
-    return F.conv3d(win, gw).permute(0, 2, 3, 4, 1).contiguous().reshape(B, -1, 24)
+    return conv3d(win, gw).permute(0, 2, 3, 4, 1).contiguous().reshape(B, -1, 24)
 
 
 class GalerkinCoefficientOperator(ElementMatrixOperator):

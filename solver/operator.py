@@ -43,7 +43,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from .ieee import conv3d, conv_transpose3d
 
 from .domain import SerialDomain
 from .element import CORNERS, affine_element_displacements, lame_stiffness_matrices
@@ -193,7 +193,7 @@ class ElasticityOperator:
         """k_e u_e for voxels [x0, x1) of the owned block: (B, 24, x1-x0, l_y, l_z).
         ``ug`` is the ghosted field (hi = 1). Reference path (apply() is faster)."""
         G = self.weight.permute(0, 2, 3, 4, 1).reshape(self.weight.shape[0], 24)
-        v = self._scale_(F.conv3d(ug[:, :, x0:x1 + 1], self.weight), x0, x1)
+        v = self._scale_(conv3d(ug[:, :, x0:x1 + 1], self.weight), x0, x1)
         return torch.einsum("ka,bkxyz->baxyz", G, v)
 
     def scatter(self, fe: torch.Tensor, yg: torch.Tensor, x0: int):
@@ -332,7 +332,7 @@ class ElasticityOperator:
                 ug = ug.contiguous(memory_format=cl)
             window = lambda a, b, out=None: ug[:, :, a:b] if out is None else out.copy_(ug[:, :, a:b])  # noqa: E731
         if len(slabs) == 1 and not halves:
-            y = F.conv3d(self._scale_(F.conv3d(window(0, u.shape[2] + 2), self.weight), lame=s_lo), wt)[:, :3]
+            y = conv3d(self._scale_(conv3d(window(0, u.shape[2] + 2), self.weight), lame=s_lo), wt)[:, :3]
             return y.contiguous(memory_format=cl) if sub_from is None else sub_from.sub_(y)
         y = torch.empty(u.shape, dtype=u.dtype, device=u.device, memory_format=cl) if sub_from is None else sub_from
         put = (lambda t, x0, x1: y[:, :, x0:x1].copy_(t)) if sub_from is None else \
@@ -341,10 +341,10 @@ class ElasticityOperator:
             if halves and x1 - x0 >= 2:
                 self._slab_in_halves(u, window, put, x0, x1, wt, s_lo)
                 continue
-            v = F.conv3d(window(x0, x1 + 2), self.weight)
+            v = conv3d(window(x0, x1 + 2), self.weight)
             if not v.is_contiguous(memory_format=cl):     # oneDNN may answer channels-first for B = 1
                 v = v.contiguous(memory_format=cl)
-            put(F.conv3d(self._scale_(v, x0, x1 + 1, lame=s_lo), wt)[:, :3], x0, x1)
+            put(conv3d(self._scale_(v, x0, x1 + 1, lame=s_lo), wt)[:, :3], x0, x1)
         return y
 
     def _slab_in_halves(self, u, window, put, x0: int, x1: int, wt, s_lo) -> None:
@@ -363,12 +363,12 @@ class ElasticityOperator:
                           dtype=u.dtype, device=u.device, memory_format=cl)
         for k, s in enumerate(starts):
             window(s, s + L + 2, out=inp[k:k + 1])
-        v = F.conv3d(inp, self.weight)                                  # (2, rows, L + 1, ...)
+        v = conv3d(inp, self.weight)                                  # (2, rows, L + 1, ...)
         if not v.is_contiguous(memory_format=cl):
             v = v.contiguous(memory_format=cl)
         for k, s in enumerate(starts):
             self._scale_(v[k:k + 1], s, s + L + 1, lame=s_lo)
-        out = F.conv3d(v, wt)[:, :3]                                    # (2, 3, L, ...)
+        out = conv3d(v, wt)[:, :3]                                    # (2, 3, L, ...)
         skip = 2 * L - (x1 - x0)                                        # the shared plane, once
         put(out[0:1], x0, x0 + L)
         put(out[1:2, :, skip:], x1 - L + skip, x1)
@@ -381,12 +381,12 @@ class ElasticityOperator:
         ug = self.domain.ghost(u, hi=1).contiguous(memory_format=cl)
         slabs = list(self._slabs(B, self.chunk >> 3))
         if len(slabs) == 1:
-            yg = F.conv_transpose3d(self._scale_(F.conv3d(ug, self.weight)), self.weight)
+            yg = conv_transpose3d(self._scale_(conv3d(ug, self.weight)), self.weight)
         else:
             yg = torch.zeros_like(ug)
             for x0, x1 in slabs:
-                v = self._scale_(F.conv3d(ug[:, :, x0:x1 + 1], self.weight), x0, x1)
-                yg[:, :, x0:x1 + 1] += F.conv_transpose3d(v, self.weight)
+                v = self._scale_(conv3d(ug[:, :, x0:x1 + 1], self.weight), x0, x1)
+                yg[:, :, x0:x1 + 1] += conv_transpose3d(v, self.weight)
         return self.domain.accumulate(yg, hi=1).contiguous(memory_format=cl)
 
     def _node_weight(self) -> torch.Tensor:
@@ -540,7 +540,7 @@ class ElasticityOperator:
         s = torch.zeros(c.shape[0], dtype=torch.float64, device=self.device)
 
         def element_vectors(x0, x1):
-            v = self._scale_(F.conv3d(ug[:, :, x0:x1 + 1].to(wd), W), x0, x1)
+            v = self._scale_(conv3d(ug[:, :, x0:x1 + 1].to(wd), W), x0, x1)
             s.add_(v.sum(dim=(0, 2, 3, 4), dtype=torch.float64))
             # S_e (G U0_case) - S_e v_e, then G^T: k_e (chi0^case - u_e)
             sc = self._scale_(c[:, case].reshape(1, -1, 1, 1, 1).expand(1, -1, *v.shape[2:]).clone(), x0, x1)

@@ -81,7 +81,7 @@ def test_network_embedded_pcg_and_loss_match_the_cpu_forward_and_backward():
         loss.backward()
         grads = [p.grad.detach().cpu().clone() for p in net.parameters()]
         out[dev] = (pred.u[0].detach(), float(loss.detach()), grads)
-    assert _rel(out["cuda"][0], out["cpu"][0]) < 1e-10
+    assert _rel(out["cuda"][0], out["cpu"][0]) < 1e-9      # t = 4 PCG steps amplify round-off
     # mean-free on the GPU too
     assert float(out["cuda"][0].mean(dim=(-3, -2, -1)).abs().max()) < 1e-12
     assert out["cuda"][1] == pytest.approx(out["cpu"][1], rel=1e-10)
@@ -89,10 +89,12 @@ def test_network_embedded_pcg_and_loss_match_the_cpu_forward_and_backward():
         assert _rel(gg, gc) < 1e-8
 
 
-def test_sparse_network_float32_on_cuda_stays_close_to_float64_on_cpu():
-    """The shipped models run in float32; on the GPU the GEMMs may not use TF32
-    (torch's default for matmul), so the float32 start stays within float32 round-off
-    of the float64 CPU start."""
+def test_float32_start_on_cuda_stays_close_to_the_cpu_start():
+    """The shipped models run in float32. The start is compared in the energy norm and
+    through C^H: the soft voxels' displacements are all but free (E x 1e-6) and the
+    embedded Jacobi-PCG steps move them by round-off times 1/E_soft, so the raw fields
+    of two float32 runs differ by percents where nothing depends on them (the CPU's
+    float32 and float64 starts do too: 0.6% raw, 1e-5 in the energy norm, 3e-9 in C^H)."""
     from model.train import cell_operator, load_model, warm_start
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(root, "models", "cgins_default.pt")
@@ -100,8 +102,37 @@ def test_sparse_network_float32_on_cuda_stays_close_to_float64_on_cpu():
     u = {}
     for dev in ("cpu", "cuda"):
         net = load_model(path, dev)
-        u[dev] = warm_start(net, cell_operator(cell, torch.float32, dev))
-    assert _rel(u["cuda"], u["cpu"]) < 1e-4
+        u[dev] = warm_start(net, cell_operator(cell, torch.float32, dev)).double().cpu()
+    op = cell_operator(cell, F64)
+    d = u["cuda"] - u["cpu"]
+    assert float(((op.apply(d) * d).sum() / (op.apply(u["cpu"]) * u["cpu"]).sum()).sqrt()) < 1e-3
+    assert _rel(op.chom(u["cuda"]), op.chom(u["cpu"])) < 1e-6
+
+
+def test_float32_multigrid_pcg_on_cuda_is_ieee_float32():
+    """With cuDNN's default TF32 the float32 operator and multigrid lost precision: the
+    true residual stalled near 1e-2 and the iterations grew with n (solver/ieee.py).
+    Now the float32 solve on the GPU takes the CPU's iterations (to one) and meets the
+    tolerance in the true residual, and the caller's TF32 flag is left as it was."""
+    from solver.homogenize import _default_preconditioner
+    from solver.pcg import pcg
+    ph = _gyroid(32, level=0.4)
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True             # PyTorch's default: the case that failed
+    try:
+        res = {}
+        for dev in ("cpu", "cuda"):
+            op = _op(ph, dev, dtype=torch.float32)
+            f = op.rhs()
+            x, info = pcg(op, f, precond=_default_preconditioner(op, "multigrid"), rtol=1e-6)
+            assert info.all_converged
+            true_res = (f - op.apply(x)).flatten(1).norm(dim=1) / f.flatten(1).norm(dim=1)
+            res[dev] = (np.asarray(info.iterations), float(true_res.max()))
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    assert np.abs(res["cuda"][0] - res["cpu"][0]).max() <= 1
+    assert res["cuda"][1] < 1e-5 and res["cpu"][1] < 1e-5
 
 
 def test_training_steps_on_cuda_follow_the_cpu_steps(tmp_path):
