@@ -85,8 +85,11 @@ def test_network_embedded_pcg_and_loss_match_the_cpu_forward_and_backward():
     # mean-free on the GPU too
     assert float(out["cuda"][0].mean(dim=(-3, -2, -1)).abs().max()) < 1e-12
     assert out["cuda"][1] == pytest.approx(out["cpu"][1], rel=1e-10)
+    # against the whole gradient's norm: some parameters' exact gradient is zero (a bias
+    # whose shift the mean constraint removes) and both devices give round-off (1e-17) there
+    scale = float(torch.cat([g.flatten() for g in out["cpu"][2]]).norm())
     for gg, gc in zip(out["cuda"][2], out["cpu"][2]):
-        assert _rel(gg, gc) < 1e-8
+        assert float((gg - gc).norm()) <= 1e-8 * scale
 
 
 def test_float32_start_on_cuda_stays_close_to_the_cpu_start():
