@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["float64", "float32"], default="float64",
                    help="operator / embedded PCG precision of the network evaluation (default float64)")
     p.add_argument("--soft", type=float, default=1e-6, help="void stiffness as a fraction of max E (default 1e-6)")
+    p.add_argument("--symmetries", type=int, default=1, metavar="K",
+                   help="average each network start over K point symmetries of the grid (axis "
+                        "permutations and reflections, at most 48 on a cube grid; model/symmetry.py): "
+                        "K forward passes a cell (default 1: off)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines, no Markdown on stdout")
@@ -412,22 +416,29 @@ def embedded_steps(net, t: int):
         net.cfg = old
 
 
-def predict(net, op, t: int):
-    """The network output (6, 3, ...) on op with t embedded PCG steps (in op's dtype)."""
+def predict(net, op, t: int, symmetries: int = 1):
+    """The network output (6, 3, ...) on op with t embedded PCG steps (in op's dtype);
+    with symmetries > 1 the start is averaged over that many grid symmetries first
+    (model.symmetry)."""
     import torch
+    if symmetries > 1:
+        from model.symmetry import symmetrized_output
+        with embedded_steps(net, t):
+            return symmetrized_output(net, op, symmetries).detach()
     with torch.no_grad(), embedded_steps(net, t):
         return net([op]).u[0].detach()
 
 
-def predictions(net, op, ts: Sequence[int]) -> tuple:
+def predictions(net, op, ts: Sequence[int], symmetries: int = 1) -> tuple:
     """({t: u} for every t in ts, inference seconds of the bare network): one forward
-    pass (t = 0), then model.embedded_pcg from its output for each t > 0 -- the same
-    call CGINS.forward makes with cfg.t = t."""
+    pass (t = 0; ``symmetries`` passes averaged, model.symmetry), then
+    model.embedded_pcg from its output for each t > 0 -- the same call CGINS.forward
+    makes with cfg.t = t."""
     import torch
 
     from model.embedded_pcg import embedded_pcg
     t0 = time.perf_counter()
-    u0 = predict(net, op, 0)
+    u0 = predict(net, op, 0, symmetries)
     if u0.device.type == "cuda":
         torch.cuda.synchronize(u0.device)      # the queued end of the forward belongs to its time
     t_inf = time.perf_counter() - t0
@@ -674,7 +685,9 @@ def render_markdown(report: dict) -> str:
     lines = ["## CGINS evaluation (`python -m hpc.evaluate`)", "",
              f"Data: `{data['spec']}` ({fams}; {data['shape']}). Reference: multigrid PCG float64 rtol "
              f"{st['ref_rtol']:g} ({refs['computed']} solved, {refs['cached']} from `{refs['path']}`). "
-             f"Network evaluated in {st['precision']}.",
+             f"Network evaluated in {st['precision']}"
+             + (f"; every start averaged over {st['symmetries']} grid symmetries (`--symmetries`)."
+                if st.get("symmetries", 1) > 1 else "."),
              f"Machine: {prov['date']}; {m['cpu']}, {m['cores']} cores; Python {m['python']}, torch "
              f"{m['torch']} ({m['torch_threads']} threads), {m['device']}; commit {prov['git_commit'][:10]}"
              f"{' (dirty)' if prov['git_dirty'] else ''}.",
@@ -844,6 +857,8 @@ def validate(args):
     """Check the flags that need no I/O; raises InputError."""
     if args.t is not None and any(t < 0 for t in args.t):
         raise InputError(f"--t must be >= 0, got {args.t}")
+    if not 1 <= args.symmetries <= 48:
+        raise InputError(f"--symmetries must be in 1..48, got {args.symmetries}")
     if args.solve_t is not None and args.solve_t < 0:
         raise InputError(f"--solve-t must be >= 0, got {args.solve_t}")
     e = args.vf_bins
@@ -932,7 +947,7 @@ def run(args, argv: Sequence[str]) -> dict:
                "ref_cached": cached, "C_ref": C_ref, "ref_iterations": ref["iterations"],
                "ref_time": ref["time"], "models": {}, "inference_s": {}}
         for md in models:
-            us, t_inf = predictions(md.net, op, t_per_model[md.label])
+            us, t_inf = predictions(md.net, op, t_per_model[md.label], args.symmetries)
             rec["models"][md.label] = {str(t): field_metrics(op, u, C_ref) for t, u in us.items()}
             rec["inference_s"][md.label] = t_inf
         if args.solve and solved_per_family.get(fam, 0) < (args.solve_per_family or math.inf):
@@ -940,7 +955,7 @@ def run(args, argv: Sequence[str]) -> dict:
             net = primary.net
 
             def warm(o, _t=solve_t):
-                return predict(net, o, _t).to(o.dtype)
+                return predict(net, o, _t, args.symmetries).to(o.dtype)
 
             rec["solve"] = {pc: solve_compare(cell, C_ref, op64, warm, pc, args.solve_precision, args.solve_rtol,
                                               args.delta_target, args.soft, args.device)
@@ -967,6 +982,7 @@ def run(args, argv: Sequence[str]) -> dict:
                  "cells_per_family": {f: sum(1 for c in report_cells if c["family"] == f) for f in fams}},
         "settings": {"t": args.t, "vf_bins": edges, "ref_rtol": args.ref_rtol, "reference": ref_settings,
                      "precision": args.precision, "soft": args.soft, "device": args.device,
+                     "symmetries": args.symmetries,
                      "solve": ({"t": solve_t, "preconditioners": list(args.preconditioners),
                                 "precision": args.solve_precision, "rtol": args.solve_rtol,
                                 "delta_target": args.delta_target, "per_family": args.solve_per_family}

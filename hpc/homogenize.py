@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true",
                    help="--solver cgins: also solve from a zero start (same solver, same tolerance) and "
                         "record the iterations and time the network saved (or cost)")
+    p.add_argument("--symmetries", type=int, default=1, metavar="K",
+                   help="--solver cgins: average the network's start over K point symmetries of the grid "
+                        "(axis permutations and reflections, at most 48 on a cube grid) before its embedded "
+                        "PCG steps; K forward passes (default 1: off)")
     p.add_argument("--groups", type=int, default=1, choices=[1, 2, 3, 6],
                    help="solve the 6 load cases in this many groups (less memory; default 1)")
     p.add_argument("--soft", type=float, default=1e-6, help="void stiffness as a fraction of max E (default 1e-6)")
@@ -194,23 +198,25 @@ class _CGINSWarmStart:
     network's embedded PCG on a serial operator of the same cell) and sends every rank its
     block; the solve itself stays distributed."""
 
-    def __init__(self, path, device):
+    def __init__(self, path, device, symmetries: int = 1):
         from model.train import load_model
         self.net = load_model(path, device=device)
-        self.provenance = {"model": os.path.basename(path), "model_sha256": self.net.sha256}
+        self.symmetries = int(symmetries)
+        self.provenance = {"model": os.path.basename(path), "model_sha256": self.net.sha256,
+                           "model_symmetries": self.symmetries}
 
     def __call__(self, op):
         from model.train import warm_start
         dom = op.domain
         if getattr(dom, "size", 1) == 1:
-            return warm_start(self.net, op).to(op.dtype)
+            return warm_start(self.net, op, symmetries=self.symmetries).to(op.dtype)
         from hpc.parallel import gather_field, scatter_field
         from solver.operator import ElasticityOperator
         lam, mu = gather_field(dom, op.lam), gather_field(dom, op.mu)
         full = None
         if dom.rank == 0:
             whole = ElasticityOperator(lam.to(op.device), mu.to(op.device), op.h)
-            full = warm_start(self.net, whole).to(op.dtype).cpu().numpy()
+            full = warm_start(self.net, whole, symmetries=self.symmetries).to(op.dtype).cpu().numpy()
         return scatter_field(dom, full, (6, 3), op.dtype, op.device)
 
 
@@ -221,7 +227,7 @@ def cgins_warm_start(args):
     if args.preconditioner is None:
         args.preconditioner = "multigrid"
     try:
-        return _CGINSWarmStart(path, args.device)
+        return _CGINSWarmStart(path, args.device, args.symmetries)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, KeyError ...
         raise InputError(f"--model {path}: not a CGINS checkpoint ({str(exc).splitlines()[0]})") from None
 
@@ -311,6 +317,11 @@ def main(argv=None) -> int:
                                  "e.g. 1e-6)")
         if args.maxiter < 1:
             raise InputError(f"--maxiter must be >= 1, got {args.maxiter}")
+        if not 1 <= args.symmetries <= 48:
+            raise InputError(f"--symmetries must be in 1..48, got {args.symmetries}")
+        if args.symmetries > 1 and args.solver != "cgins":
+            raise InputError(f"--symmetries averages the network's start: it needs --solver cgins, "
+                             f"not {args.solver}")
         if args.baseline and args.solver != "cgins":
             raise InputError(f"--baseline compares the network's start with a zero start: it needs "
                              f"--solver cgins, not {args.solver}")
@@ -338,6 +349,13 @@ def main(argv=None) -> int:
             if any(s % div for s in shape):
                 raise InputError(f"--solver cgins: the model needs a grid divisible by 2^depth = {div}, "
                                  f"the cell is {'x'.join(map(str, shape))}")
+            if args.symmetries > 1:
+                from model.symmetry import grid_symmetries
+                h = tuple(float(a) / n for a, n in zip(cell.size, shape))
+                n_sym = len(grid_symmetries(shape, h))
+                if args.symmetries > n_sym:
+                    raise InputError(f"--symmetries {args.symmetries}: this grid ({'x'.join(map(str, shape))}, "
+                                     f"voxel {'x'.join(f'{v:g}' for v in h)}) has {n_sym} point symmetries")
         except InputError as exc:
             if rank == 0:
                 print(f"error: {exc}", file=sys.stderr)

@@ -368,8 +368,13 @@ def load_model(path: str, device="cpu") -> CGINS:
 
 
 @torch.no_grad()
-def warm_start(net: CGINS, op, solid=None) -> torch.Tensor:
+def warm_start(net: CGINS, op, solid=None, symmetries: int = 1) -> torch.Tensor:
     """Initial guess (6, 3, n_x, n_y, n_z) for solver.pcg from a trained network: the
     network prediction followed by its embedded PCG steps, in op's dtype. The solver
-    then iterates to its own tolerance from there (the answer does not depend on it)."""
+    then iterates to its own tolerance from there (the answer does not depend on it).
+    ``symmetries`` > 1 averages the prediction over that many point symmetries of the
+    grid before the PCG steps (model.symmetry; serial op, no ``solid``)."""
+    if symmetries > 1:
+        from .symmetry import symmetrized_output
+        return symmetrized_output(net, op, symmetries).detach()
     return net([op], None if solid is None else solid[None]).u[0].detach()
