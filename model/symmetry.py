@@ -10,10 +10,10 @@ equivariant; averaging the mapped-back predictions of K transforms of one cell p
 its start towards the symmetric fields the exact solution lies in, and by convexity of
 the potential energy the average's energy is at most the mean of its members' (Jensen).
 
-Cost: K forward passes instead of one. The embedded PCG runs once, on the original cell,
+Cost: K forward passes instead of one (batched). The embedded PCG runs once, on the original cell,
 from the averaged start. Shifts are left out on purpose: the network has position
 features and its training cells sit where the generators put them, so shifted cells are
-new to it and their starts are worse (BENCHMARKS.md, "GPU session", test-time averaging).
+new to it and their starts are worse (BENCHMARKS.md, "CGINS start averaged over grid symmetries").
 
 Voxel v of an axis of n voxels maps to n - 1 - v under a reflection, node j to -j mod n;
 a permutation ``perm`` makes new axis i the old axis perm[i].
@@ -114,20 +114,23 @@ def _no_embedded_pcg(net):
 
 
 @torch.no_grad()
-def symmetrized_start(net, op, k: int) -> torch.Tensor:
+def symmetrized_start(net, op, k: int, batch: int = 8) -> torch.Tensor:
     """The network's start (6, 3, ...) before its embedded PCG, averaged over the first
-    k grid symmetries of op's cell (k = 1: the plain prediction). op must be serial."""
+    k grid symmetries of op's cell (k = 1: the plain prediction). op must be serial.
+    The transformed cells go through the network ``batch`` at a time, one batched
+    forward each (the same numbers as one at a time, to rounding)."""
     from model.embedded_pcg import mean_free
     gs = grid_symmetries(op.lam.shape, op.h)
     if not 1 <= k <= len(gs):
         raise ValueError(f"symmetries: {k} not in 1..{len(gs)} (the grid's point symmetries)")
     total = None
     with _no_embedded_pcg(net):
-        for g in gs[:k]:
-            opg = op if g == IDENTITY else transform_operator(op, g)
-            u = net([opg]).u_net[0].detach().to(op.dtype)
-            u = u if g == IDENTITY else pull_back(u, g)
-            total = u if total is None else total + u
+        for lo in range(0, k, batch):                  # one batched forward per `batch` transforms
+            part = gs[lo:min(k, lo + batch)]
+            out = net([op if g == IDENTITY else transform_operator(op, g) for g in part]).u_net.detach()
+            for g, u in zip(part, out.to(op.dtype)):
+                u = u if g == IDENTITY else pull_back(u, g)
+                total = u if total is None else total + u
     u0 = total / k
     return mean_free(op, u0) if net.cfg.mean_constraint else u0
 
