@@ -17,6 +17,7 @@ import torch
 
 from microstructures.cell import Cell
 from microstructures.io import write_cell
+from test_model_network import gyroid_phases as _gyroid
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -26,15 +27,6 @@ F64 = torch.float64
 def _rel(a, b):
     a, b = torch.as_tensor(a).double().cpu(), torch.as_tensor(b).double().cpu()
     return float((a - b).norm() / b.norm())
-
-
-def _gyroid(n, level=0.6, shift=0.0):
-    x = (np.arange(n) + 0.5) / n
-    X, Y, Z = np.meshgrid(x, x, x, indexing="ij")
-    t = 2 * np.pi
-    v = (np.sin(t * X + shift) * np.cos(t * Y) + np.sin(t * Y) * np.cos(t * Z)
-         + np.sin(t * Z) * np.cos(t * X))
-    return (np.abs(v) < level).astype(np.uint8)
 
 
 def _op(phases, device, nu=0.3, dtype=F64):
