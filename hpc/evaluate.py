@@ -946,6 +946,12 @@ def run(args, argv: Sequence[str]) -> dict:
                "percolates": list(perc), "spanning_rank": srank,
                "ref_cached": cached, "C_ref": C_ref, "ref_iterations": ref["iterations"],
                "ref_time": ref["time"], "models": {}, "inference_s": {}}
+        if args.symmetries > 1:
+            from model.symmetry import grid_symmetries
+            n_sym = len(grid_symmetries(op.lam.shape, op.h))
+            if args.symmetries > n_sym:
+                raise InputError(f"--symmetries {args.symmetries}: {cell_id} "
+                                 f"({'x'.join(map(str, op.lam.shape))}) has {n_sym} point symmetries")
         for md in models:
             us, t_inf = predictions(md.net, op, t_per_model[md.label], args.symmetries)
             rec["models"][md.label] = {str(t): field_metrics(op, u, C_ref) for t, u in us.items()}

@@ -255,6 +255,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, data_dir, models, capsys
         ([data_dir, "--models", f"bad label={models['full']}"], "LABEL=PATH"),
         ([data_dir, "--models", f"=({models['full']}"], "LABEL=PATH"),
         ([data_dir, "--models", models["full"], "--vf-bins", "0.3", "0.2"], "--vf-bins"),
+        ([data_dir, "--models", models["full"], "--symmetries", "0"], "--symmetries must be in 1..48"),
     ]
     for argv, msg in cases:
         rc = run_eval(*argv, "-o", out / "ev.json", "--markdown", out / "ev.md", "-q")
@@ -375,3 +376,20 @@ def test_ablation_configs(label):
     assert tc2.steps == 7
     assert tc2.checkpoint == os.path.join("runs", f"ablation_{label}", f"ablation_{label}.pt")
     CGINS(mc2)
+
+
+def test_symmetries_average_the_start_and_are_recorded(tmp_path, data_dir, models, first):
+    """--symmetries 4: the same cells and references as ``first``, another start (the
+    average of four), recorded in the settings and the Markdown."""
+    out, rep1 = first
+    rc = run_eval(data_dir, "--models", f"full={models['full']}", "--per-family", "1", "--t", "0", "4",
+                  "--no-solve", "-q", "--symmetries", "4", "--refs", out / "references.h5",
+                  "-o", tmp_path / "ev.json", "--markdown", tmp_path / "ev.md")
+    assert rc == 0
+    with open(tmp_path / "ev.json") as fh:
+        rep4 = json.load(fh)
+    assert rep4["settings"]["symmetries"] == 4 and rep1["settings"]["symmetries"] == 1
+    assert "averaged over 4 grid symmetries" in open(tmp_path / "ev.md").read()
+    for c1, c4 in zip(rep1["cells"], rep4["cells"]):
+        assert c1["id"] == c4["id"] and c1["C_ref"] == c4["C_ref"]
+        assert c1["models"]["full"]["0"]["delta"] != c4["models"]["full"]["0"]["delta"]
