@@ -87,7 +87,6 @@ references computed so far are kept, no report is written).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -405,22 +404,13 @@ def reference(cell, cache: ReferenceCache, cell_id: str, key: str, rtol: float, 
 
 # --------------------------------------------------------------------------- network outputs
 
-@contextlib.contextmanager
-def embedded_steps(net, t: int):
-    """The network with its embedded PCG set to t steps (t = 0: none) for the duration."""
-    old = net.cfg
-    net.cfg = dataclasses.replace(old, t=int(t), use_pcg=int(t) > 0)
-    try:
-        yield net
-    finally:
-        net.cfg = old
-
-
 def predict(net, op, t: int, symmetries: int = 1):
     """The network output (6, 3, ...) on op with t embedded PCG steps (in op's dtype);
     with symmetries > 1 the start is averaged over that many grid symmetries first
     (model.symmetry)."""
     import torch
+
+    from model.network import embedded_steps
     if symmetries > 1:
         from model.symmetry import symmetrized_output
         with embedded_steps(net, t):

@@ -35,6 +35,7 @@ parallelises over cells, not over the grid.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from typing import List, Optional, Sequence, Tuple
@@ -381,3 +382,14 @@ def deepen_state_dict(old_sd: dict, old_cfg: CGINSConfig, new: CGINS) -> dict:
             raise ValueError(f"{k}: shape {tuple(v.shape)} does not match the new config")
         sd[k] = v.to(sd[k].dtype).clone()
     return sd
+
+
+@contextlib.contextmanager
+def embedded_steps(net: "CGINS", t: int):
+    """The network with its embedded PCG set to t steps (t = 0: none) for the duration."""
+    old = net.cfg
+    net.cfg = dataclasses.replace(old, t=int(t), use_pcg=int(t) > 0)
+    try:
+        yield net
+    finally:
+        net.cfg = old

@@ -20,13 +20,13 @@ a permutation ``perm`` makes new axis i the old axis perm[i].
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import itertools
 from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .network import embedded_steps
 
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 Symmetry = Tuple[Tuple[int, int, int], Tuple[bool, bool, bool]]
@@ -103,16 +103,6 @@ def transform_operator(op, g: Symmetry):
                               tuple(op.h[p] for p in perm))
 
 
-@contextlib.contextmanager
-def _no_embedded_pcg(net):
-    old = net.cfg
-    net.cfg = dataclasses.replace(old, t=0, use_pcg=False)
-    try:
-        yield net
-    finally:
-        net.cfg = old
-
-
 @torch.no_grad()
 def symmetrized_start(net, op, k: int, batch: int = 8) -> torch.Tensor:
     """The network's start (6, 3, ...) before its embedded PCG, averaged over the first
@@ -124,7 +114,7 @@ def symmetrized_start(net, op, k: int, batch: int = 8) -> torch.Tensor:
     if not 1 <= k <= len(gs):
         raise ValueError(f"symmetries: {k} not in 1..{len(gs)} (the grid's point symmetries)")
     total = None
-    with _no_embedded_pcg(net):
+    with embedded_steps(net, 0):
         for lo in range(0, k, batch):                  # one batched forward per `batch` transforms
             part = gs[lo:min(k, lo + batch)]
             out = net([op if g == IDENTITY else transform_operator(op, g) for g in part]).u_net.detach()

@@ -5,7 +5,8 @@ symmetries / periodic shifts of the cell (each mapped back), then t embedded PCG
 import itertools, json, sys, time
 import numpy as np, torch
 sys.path.insert(0, '/work/main')
-from hpc.evaluate import open_dataset, field_metrics, embedded_steps
+from hpc.evaluate import open_dataset, field_metrics
+from model.network import embedded_steps
 from model.train import load_model, cell_operator
 from model.embedded_pcg import embedded_pcg
 from microstructures.cell import Cell
