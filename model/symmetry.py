@@ -26,6 +26,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from .embedded_pcg import embedded_pcg, mean_free
 from .network import embedded_steps
 
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
@@ -109,7 +110,6 @@ def symmetrized_start(net, op, k: int, batch: int = 8) -> torch.Tensor:
     k grid symmetries of op's cell (k = 1: the plain prediction). op must be serial.
     The transformed cells go through the network ``batch`` at a time, one batched
     forward each (the same numbers as one at a time, to rounding)."""
-    from model.embedded_pcg import mean_free
     gs = grid_symmetries(op.lam.shape, op.h)
     if not 1 <= k <= len(gs):
         raise ValueError(f"symmetries: {k} not in 1..{len(gs)} (the grid's point symmetries)")
@@ -128,7 +128,6 @@ def symmetrized_start(net, op, k: int, batch: int = 8) -> torch.Tensor:
 def symmetrized_output(net, op, k: int) -> torch.Tensor:
     """``symmetrized_start`` followed by the network's own embedded PCG steps on op: what
     ``net([op]).u[0]`` is for k = 1."""
-    from model.embedded_pcg import embedded_pcg
     u0 = symmetrized_start(net, op, k)
     if not (net.cfg.use_pcg and net.cfg.t > 0):
         return u0
