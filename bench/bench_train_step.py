@@ -38,7 +38,9 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="models/config.yaml", help="model / loss config (default: the shipped model's)")
     p.add_argument("--t", type=int, nargs="+", default=[4, 10], help="embedded PCG steps")
-    p.add_argument("--batch", type=int, default=4, help="cells per step")
+    p.add_argument("--batch", type=int, nargs="+", default=[4], help="cells per step (several: one run each)")
+    p.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS),
+                   help="ways through K u to time (default both; --write needs both)")
     p.add_argument("--n", type=int, default=32, help="voxels per axis")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
@@ -94,13 +96,20 @@ def one_step(net, opt, ops, loss_cfg):
 
 
 def run(args) -> list:
+    rows = []
+    for batch in args.batch:
+        rows += run_batch(args, batch)
+    return rows
+
+
+def run_batch(args, batch) -> list:
     from hpc.train import generated_cells
     from model.network import CGINS
     from model.train import cell_operator, load_config
     from solver.operator import ElasticityOperator
 
     torch.set_num_threads(args.threads)
-    cells = generated_cells({"n": args.n, "samples_per_family": -(-args.batch // 3)})[:args.batch]
+    cells = generated_cells({"n": args.n, "samples_per_family": -(-batch // 3)})[:batch]
     mc, lc, tc, _ = load_config(args.config)
     ops = [cell_operator(c, torch.float32, args.device, tc.soft) for c in cells]
     form_of_apply = ops[0].apply_form()
@@ -108,9 +117,9 @@ def run(args) -> list:
     rows = []
     for t in args.t:
         mc.t, mc.use_pcg = t, t > 0
-        res = {f: [] for f in FORMS}
+        res = {f: [] for f in args.forms}
         for r in range(args.rounds + 1):            # round 0 warms up (maps, kernel, allocator)
-            for form in FORMS:
+            for form in args.forms:
                 ElasticityOperator._symmetric_grad_ok = symmetric_ok if form == "symmetric" else \
                     (lambda self: False)
                 torch.manual_seed(0)
@@ -120,14 +129,14 @@ def run(args) -> list:
                 if r:
                     res[form].append(m)
         ElasticityOperator._symmetric_grad_ok = symmetric_ok
-        loss_diff = abs(res[FORMS[0]][0]["loss_value"] - res[FORMS[1]][0]["loss_value"])
-        for form in FORMS:
+        loss_diff = abs(res[args.forms[0]][0]["loss_value"] - res[args.forms[-1]][0]["loss_value"])
+        for form in args.forms:
             med = {k: statistics.median(m[k] for m in res[form]) for k in ("forward", "loss", "backward", "total")}
-            rows.append({"t": t, "form": form, **med, "saved_mb": res[form][0]["saved_mb"],
+            rows.append({"t": t, "batch": batch, "form": form, **med, "saved_mb": res[form][0]["saved_mb"],
                          "loss_diff": loss_diff, "apply": form_of_apply if form == "symmetric" else "conv"})
-            print(f"t={t:2d} {form:10s}: forward {med['forward']:.2f} s, loss {med['loss']:.2f} s, "
-                  f"backward {med['backward']:.2f} s, step {med['total']:.2f} s; saved "
-                  f"{res[form][0]['saved_mb']:.0f} MB", flush=True)
+            print(f"t={t:2d} batch {batch:3d} {form:10s}: forward {med['forward']:.2f} s, loss {med['loss']:.2f} s, "
+                  f"backward {med['backward']:.2f} s, step {med['total']:.2f} s ({med['total'] / batch:.3f} s a cell); "
+                  f"saved {res[form][0]['saved_mb']:.0f} MB", flush=True)
     return rows
 
 
@@ -150,7 +159,7 @@ def section(rows, m, args) -> str:
         f"--rounds {args.rounds} --write`; {machine_line(m)}.",
         "",
         f"One training step of the shipped model's configuration (channels 8/16/32, two levels) on "
-        f"{args.batch} generated {args.n}^3 cells, float32, {args.threads} thread(s); seconds, median of "
+        f"{args.batch[0]} generated {args.n}^3 cells, float32, {args.threads} thread(s); seconds, median of "
         f"{args.rounds} rounds with the two forms alternating. \"symmetric\": K u recorded as one node whose "
         "backward is one more apply (the default); \"conv chain\": the convolution chain recorded op by op, "
         "as before. Speed-up is the conv chain's step time over the row's.",
@@ -167,6 +176,9 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.write and args.device != "cpu":
         print("bench_train_step: --write records the CPU section; drop it with --device", file=sys.stderr)
+        return 2
+    if args.write and (len(args.batch) > 1 or len(args.forms) < len(FORMS)):
+        print("bench_train_step: --write records one --batch and both --forms", file=sys.stderr)
         return 2
     rows = run(args)
     if args.write:

@@ -46,8 +46,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    import dask
-    dask.config.set({"logging": {"distributed": "warning"}})
     from model.data import DataConfig, generate
     try:
         d = {}
@@ -81,6 +79,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     client = None
     try:
+        if args.scheduler or args.workers > 0:   # --workers 0 generates in this process and needs no dask
+            import dask
+            dask.config.set({"logging": {"distributed": "warning"}})
         if args.scheduler:
             from distributed import Client
             client = Client(args.scheduler)

@@ -3,6 +3,8 @@ shards independent of the worker count, families and ranges respected, lazy data
 deterministic redraws, atomic shard writes."""
 import json
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -236,6 +238,26 @@ def test_make_dataset_cli(tmp_path):
     for f in shipped:                                    # every data config the models cite parses
         cfg = DataConfig.from_yaml(os.path.join(root, "configs", f))
         assert set(cfg.families) <= set(data.FAMILIES) and cfg.samples_per_family > 0, f
+
+
+def test_make_dataset_in_process_needs_no_dask_and_shards_split_across_processes(tmp_path):
+    """--workers 0 generates without dask (the GPU machine has none): separate processes
+    with disjoint --shards write the same set as one whole generation."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = ["--name", "s", "--n", "8", "--samples-per-family", "2", "--shard-size", "2",
+             "--families", "tpms", "shell", "--workers", "0", "-q"]
+    code = ("import sys; sys.modules['dask'] = sys.modules['distributed'] = None; "
+            "from hpc.make_dataset import main; sys.exit(main(sys.argv[1:]))")
+    for shard in ("0", "1"):
+        p = subprocess.run([sys.executable, "-c", code, *flags, "--out-dir", str(tmp_path / "split"),
+                            "--shards", shard], cwd=root, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+    from hpc.make_dataset import main
+    assert main([*flags, "--out-dir", str(tmp_path / "whole")]) == 0
+    split, whole = ShardedDataset(str(tmp_path / "split")), ShardedDataset(str(tmp_path / "whole"))
+    assert len(split) == len(whole) == 4
+    for i in range(4):
+        assert np.array_equal(split.phases(i), whole.phases(i)) and split.nu[i] == whole.nu[i]
 
 
 def test_a_smaller_regeneration_removes_stale_shards_and_mixed_shards_are_refused(tmp_path):
