@@ -5,7 +5,9 @@
 #   logs.tar.gz       every part's log, the JSON / Markdown reports, the fine-tune's loss log
 #   ft.pt.partNN      the exported fine-tuned checkpoint, split in 15 MiB pieces (cat them)
 #
-#   OUT=out/gpu BUDGET=540 PARTS="pytest data train" bash bench/gpu_session.sh          # session 31
+#   OUT=out/gpu BUDGET=555 PARTS="pytest data train" bash bench/gpu_session.sh          # session 31, call 1
+#   OUT=out/gpu BUDGET=190 PARTS="data train" FT_CFG=configs/cgins_gpu_ft3_t10.yaml FT_BATCH=32 FT_STEP_S=1.21 \
+#       DATA_CFGS="configs/data_train.yaml configs/data_train_shell4096j.yaml" bash bench/gpu_session.sh  # call 2
 #   OUT=out/gpu BUDGET=450 FT_CFG=configs/cgins_gpu_ft_mix11_t10.yaml BATCHES=8 bash bench/gpu_session.sh   # session 30, run 1
 #   OUT=out/gpu BUDGET=300 PARTS="pytest mg cgins eval mg256" bash bench/gpu_session.sh # session 30, run 2
 #
@@ -98,10 +100,15 @@ want data && part data 120 bash -c gen
 # 7. training: the step time of the fine-tune's model at each batch, then the fine-tune at the
 #    batch with the most cells a second, with what is left
 # shellcheck disable=SC2086
-want train && part train_step 90 $PY bench/bench_train_step.py --device "$DEVICE" --config "$FT_CFG" --t 10 \
-    --batch $BATCHES --forms symmetric --rounds 2
-read -r BATCH STEP_S < <(sed -n 's/.*batch *\([0-9]*\) symmetric.*step \([0-9.]*\) s (\([0-9.]*\) s a cell).*/\3 \1 \2/p' \
-    "$W/train_step.log" 2>/dev/null | sort -g | head -n 1 | cut -d' ' -f2-)
+#    (FT_BATCH and FT_STEP_S, both given: that batch and step time, no sweep)
+BATCH=${FT_BATCH:-}
+STEP_S=${FT_STEP_S:-}
+if want train && { [ -z "$BATCH" ] || [ -z "$STEP_S" ]; }; then
+    part train_step 90 $PY bench/bench_train_step.py --device "$DEVICE" --config "$FT_CFG" --t 10 \
+        --batch $BATCHES --forms symmetric --rounds 2
+    read -r BATCH STEP_S < <(sed -n 's/.*batch *\([0-9]*\) symmetric.*step \([0-9.]*\) s (\([0-9.]*\) s a cell).*/\3 \1 \2/p' \
+        "$W/train_step.log" 2>/dev/null | sort -g | head -n 1 | cut -d' ' -f2-)
+fi
 TRAIN_S=$(( $(left) - 45 ))
 if want train && [ -n "${STEP_S:-}" ] && [ "$TRAIN_S" -gt 30 ]; then
     # ~20% over the bench's step for data loading, operator set-up and checkpoints
