@@ -246,3 +246,31 @@ def test_shipped_deepened_model_records_its_two_runs():
         assert len(list(csv.DictReader(fh))) == 600
     net = load_model(path)
     assert [len(r) for r in net.res] == [0, 0, 4] and net.cfg.t == 10
+
+
+def test_shipped_gpu_model_records_its_start_and_recipe():
+    """models/cgins_gpu_ft2_mix11_t10 (session 31): mix11 fine-tuned on one H200 with
+    configs/cgins_gpu_ft2_mix11_t10.yaml, 300 steps of 32 cells. The export records mix11
+    (path and sha256 of the shipped file) as its start, the config's recipe, the device it
+    trained on and its 300 logged steps; the config's model section is the network's."""
+    import csv
+    import hashlib
+
+    from model.train import load_config, load_model
+    root = os.path.join(os.path.dirname(__file__), "..")
+    d = os.path.join(root, "models", "cgins_gpu_ft2_mix11_t10")
+    path = os.path.join(d, "cgins_gpu_ft2_mix11_t10.pt")
+    ck = load_checkpoint(path)
+    assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == 300
+    base = os.path.join(root, "models", "cgins_wide32_deep28_mix11_t10", "cgins_wide32_deep28_mix11_t10.pt")
+    with open(base, "rb") as fh:
+        assert ck["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    mc, _, tc, _ = load_config(os.path.join(root, "configs", "cgins_gpu_ft2_mix11_t10.yaml"))
+    assert mc.to_dict() == ck["model_config"]
+    rec = ck["train_config"]
+    assert (rec["steps"], rec["batch_size"], rec["lr"], rec["seed"]) == (tc.steps, tc.batch_size, tc.lr, tc.seed)
+    assert rec["device"].startswith("cuda") and rec["init_from"] == tc.init_from
+    with open(os.path.join(d, "cgins_gpu_ft2_mix11_t10.csv")) as fh:
+        assert len(list(csv.DictReader(fh))) == 300
+    net = load_model(path)
+    assert net.cfg.t == 10 and [len(r) for r in net.res] == [0, 2, 8]
