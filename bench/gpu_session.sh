@@ -8,8 +8,8 @@
 #   OUT=out/gpu BUDGET=555 PARTS="pytest data train" bash bench/gpu_session.sh          # session 31, call 1
 #   OUT=out/gpu BUDGET=190 PARTS="data train" FT_CFG=configs/cgins_gpu_ft3_t10.yaml FT_BATCH=32 FT_STEP_S=1.21 \
 #       DATA_CFGS="configs/data_train.yaml configs/data_train_shell4096j.yaml" bash bench/gpu_session.sh  # call 2
-#   OUT=out/gpu BUDGET=450 FT_CFG=configs/cgins_gpu_ft_mix11_t10.yaml BATCHES=8 bash bench/gpu_session.sh   # session 30, run 1
-#   OUT=out/gpu BUDGET=300 PARTS="pytest mg cgins eval mg256" bash bench/gpu_session.sh # session 30, run 2
+#   OUT=out/gpu BUDGET=450 bash bench/gpu_session.sh    # session 30, run 1, with the script of 229db3b
+#   OUT=out/gpu BUDGET=300 PARTS="pytest mg cgins eval mg256" bash bench/gpu_session.sh # session 30, run 2 (3a3489e)
 #
 # PARTS (default all): pytest, mg (64^3 and 128^3), cgins (64^3 and 128^3 cells from the
 # network), eval (held-out deltas and the solver comparison), mg256, data (generate the
@@ -99,11 +99,11 @@ want data && part data 120 bash -c gen
 
 # 7. training: the step time of the fine-tune's model at each batch, then the fine-tune at the
 #    batch with the most cells a second, with what is left
-# shellcheck disable=SC2086
 #    (FT_BATCH and FT_STEP_S, both given: that batch and step time, no sweep)
 BATCH=${FT_BATCH:-}
 STEP_S=${FT_STEP_S:-}
 if want train && { [ -z "$BATCH" ] || [ -z "$STEP_S" ]; }; then
+    # shellcheck disable=SC2086
     part train_step 90 $PY bench/bench_train_step.py --device "$DEVICE" --config "$FT_CFG" --t 10 \
         --batch $BATCHES --forms symmetric --rounds 2
     read -r BATCH STEP_S < <(sed -n 's/.*batch *\([0-9]*\) symmetric.*step \([0-9.]*\) s (\([0-9.]*\) s a cell).*/\3 \1 \2/p' \
