@@ -274,3 +274,34 @@ def test_shipped_gpu_model_records_its_start_and_recipe():
         assert len(list(csv.DictReader(fh))) == 300
     net = load_model(path)
     assert net.cfg.t == 10 and [len(r) for r in net.res] == [0, 2, 8]
+
+
+def test_shipped_cpu_ft4_model_records_its_start_and_recipe():
+    """models/cgins_cpu_ft4_t10 (session 33, evaluated in session 34): the shipped GPU model
+    ft2 fine-tuned on the 2-core CPU VM with configs/cgins_cpu_ft4_t10.yaml, 1500 steps of
+    4 cells. The export records ft2 (path and sha256 of the shipped file) as its start, the
+    config's recipe and data, the CPU it trained on and its 1500 logged steps."""
+    import csv
+    import hashlib
+
+    from model.train import load_config, load_model
+    root = os.path.join(os.path.dirname(__file__), "..")
+    d = os.path.join(root, "models", "cgins_cpu_ft4_t10")
+    path = os.path.join(d, "cgins_cpu_ft4_t10.pt")
+    ck = load_checkpoint(path)
+    assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == 1500
+    base = os.path.join(root, "models", "cgins_gpu_ft2_mix11_t10", "cgins_gpu_ft2_mix11_t10.pt")
+    with open(base, "rb") as fh:
+        assert ck["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    mc, dc, tc, _ = load_config(os.path.join(root, "configs", "cgins_cpu_ft4_t10.yaml"))
+    assert mc.to_dict() == ck["model_config"]
+    rec = ck["train_config"]
+    assert (rec["steps"], rec["batch_size"], rec["lr"], rec["seed"]) == (tc.steps, tc.batch_size, tc.lr, tc.seed)
+    assert rec["device"] == "cpu" and rec["init_from"] == tc.init_from
+    with open(os.path.join(d, "cgins_cpu_ft4_t10.csv")) as fh:
+        assert len(list(csv.DictReader(fh))) == 1500
+    with open(os.path.join(d, "train.log")) as fh:
+        log = fh.read()
+    assert "['data/train32', 'data/train32_shell4096j']" in log and "done: step 1500" in log
+    net = load_model(path)
+    assert net.cfg.t == 10 and [len(r) for r in net.res] == [0, 2, 8]
