@@ -248,60 +248,49 @@ def test_shipped_deepened_model_records_its_two_runs():
     assert [len(r) for r in net.res] == [0, 0, 4] and net.cfg.t == 10
 
 
-def test_shipped_gpu_model_records_its_start_and_recipe():
-    """models/cgins_gpu_ft2_mix11_t10 (session 31): mix11 fine-tuned on one H200 with
-    configs/cgins_gpu_ft2_mix11_t10.yaml, 300 steps of 32 cells. The export records mix11
-    (path and sha256 of the shipped file) as its start, the config's recipe, the device it
-    trained on and its 300 logged steps; the config's model section is the network's."""
+def _check_shipped_finetune(name, base, steps, device):
+    """The export models/<name>/<name>.pt of configs/<name>.yaml: no optimizer state, ``steps``
+    logged steps (checkpoint and csv), the sha256 of the shipped ``base`` (models/<base>/<base>.pt)
+    as its start, the config's model section and recipe, trained on ``device`` (a prefix).
+    Returns the model directory."""
     import csv
     import hashlib
 
     from model.train import load_config, load_model
     root = os.path.join(os.path.dirname(__file__), "..")
-    d = os.path.join(root, "models", "cgins_gpu_ft2_mix11_t10")
-    path = os.path.join(d, "cgins_gpu_ft2_mix11_t10.pt")
+    d = os.path.join(root, "models", name)
+    path = os.path.join(d, f"{name}.pt")
     ck = load_checkpoint(path)
-    assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == 300
-    base = os.path.join(root, "models", "cgins_wide32_deep28_mix11_t10", "cgins_wide32_deep28_mix11_t10.pt")
-    with open(base, "rb") as fh:
+    assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == steps
+    with open(os.path.join(root, "models", base, f"{base}.pt"), "rb") as fh:
         assert ck["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
-    mc, _, tc, _ = load_config(os.path.join(root, "configs", "cgins_gpu_ft2_mix11_t10.yaml"))
+    mc, _, tc, _ = load_config(os.path.join(root, "configs", f"{name}.yaml"))
     assert mc.to_dict() == ck["model_config"]
     rec = ck["train_config"]
     assert (rec["steps"], rec["batch_size"], rec["lr"], rec["seed"]) == (tc.steps, tc.batch_size, tc.lr, tc.seed)
-    assert rec["device"].startswith("cuda") and rec["init_from"] == tc.init_from
-    with open(os.path.join(d, "cgins_gpu_ft2_mix11_t10.csv")) as fh:
-        assert len(list(csv.DictReader(fh))) == 300
+    assert rec["device"].startswith(device) and rec["init_from"] == tc.init_from
+    with open(os.path.join(d, f"{name}.csv")) as fh:
+        assert len(list(csv.DictReader(fh))) == steps
     net = load_model(path)
     assert net.cfg.t == 10 and [len(r) for r in net.res] == [0, 2, 8]
+    return d
+
+
+def test_shipped_gpu_model_records_its_start_and_recipe():
+    """models/cgins_gpu_ft2_mix11_t10 (session 31): mix11 fine-tuned on one H200 with
+    configs/cgins_gpu_ft2_mix11_t10.yaml, 300 steps of 32 cells. The export records mix11
+    (path and sha256 of the shipped file) as its start, the config's recipe, the device it
+    trained on and its 300 logged steps; the config's model section is the network's."""
+    _check_shipped_finetune("cgins_gpu_ft2_mix11_t10", "cgins_wide32_deep28_mix11_t10", 300, "cuda")
 
 
 def test_shipped_cpu_ft4_model_records_its_start_and_recipe():
     """models/cgins_cpu_ft4_t10 (session 33, evaluated in session 34): the shipped GPU model
     ft2 fine-tuned on the 2-core CPU VM with configs/cgins_cpu_ft4_t10.yaml, 1500 steps of
     4 cells. The export records ft2 (path and sha256 of the shipped file) as its start, the
-    config's recipe and data, the CPU it trained on and its 1500 logged steps."""
-    import csv
-    import hashlib
-
-    from model.train import load_config, load_model
-    root = os.path.join(os.path.dirname(__file__), "..")
-    d = os.path.join(root, "models", "cgins_cpu_ft4_t10")
-    path = os.path.join(d, "cgins_cpu_ft4_t10.pt")
-    ck = load_checkpoint(path)
-    assert "optimizer" not in ck and ck["exported_from"]["step"] == ck["step"] == len(ck["log"]) == 1500
-    base = os.path.join(root, "models", "cgins_gpu_ft2_mix11_t10", "cgins_gpu_ft2_mix11_t10.pt")
-    with open(base, "rb") as fh:
-        assert ck["init_from"]["sha256"] == hashlib.sha256(fh.read()).hexdigest()
-    mc, dc, tc, _ = load_config(os.path.join(root, "configs", "cgins_cpu_ft4_t10.yaml"))
-    assert mc.to_dict() == ck["model_config"]
-    rec = ck["train_config"]
-    assert (rec["steps"], rec["batch_size"], rec["lr"], rec["seed"]) == (tc.steps, tc.batch_size, tc.lr, tc.seed)
-    assert rec["device"] == "cpu" and rec["init_from"] == tc.init_from
-    with open(os.path.join(d, "cgins_cpu_ft4_t10.csv")) as fh:
-        assert len(list(csv.DictReader(fh))) == 1500
+    config's recipe, the CPU it trained on and its 1500 logged steps; its training log names
+    the data and the last step."""
+    d = _check_shipped_finetune("cgins_cpu_ft4_t10", "cgins_gpu_ft2_mix11_t10", 1500, "cpu")
     with open(os.path.join(d, "train.log")) as fh:
         log = fh.read()
     assert "['data/train32', 'data/train32_shell4096j']" in log and "done: step 1500" in log
-    net = load_model(path)
-    assert net.cfg.t == 10 and [len(r) for r in net.res] == [0, 2, 8]
