@@ -294,3 +294,15 @@ def test_shipped_cpu_ft4_model_records_its_start_and_recipe():
     with open(os.path.join(d, "train.log")) as fh:
         log = fh.read()
     assert "['data/train32', 'data/train32_shell4096j']" in log and "done: step 1500" in log
+
+
+def test_shipped_cpu_ft5_model_records_its_start_and_recipe():
+    """models/cgins_cpu_ft5_t10 (session 34, shipped in session 35): ft4 fine-tuned 1000 steps
+    of 4 cells more on the 2-core CPU VM with configs/cgins_cpu_ft5_t10.yaml, on both sets of
+    4096 extra shells. The export records ft4 (sha256 of the shipped file) as its start, the
+    recipe, the CPU and its 1000 logged steps; its training log names the three data sets."""
+    d = _check_shipped_finetune("cgins_cpu_ft5_t10", "cgins_cpu_ft4_t10", 1000, "cpu")
+    with open(os.path.join(d, "train.log")) as fh:
+        log = fh.read()
+    assert ("['data/train32', 'data/train32_shell4096j', 'data/train32_shell4096i']" in log
+            and "done: step 1000" in log)
