@@ -30,7 +30,12 @@ Output directory (``--out``, default: the directory of train.checkpoint):
 
     <out>/<checkpoint name>.pt      atomic, resumable (model, optimizer, step, log, configs)
     <out>/<checkpoint name>.csv     loss log, one row per step (rewritten at each checkpoint)
-    <out>/config.yaml               the effective configuration (after the flags)
+    <out>/config.yaml               the effective configuration (after the flags), and how it
+                                    was launched (ranks, device, cells, allocator)
+
+The command line runs on tcmalloc where it is installed, like hpc.homogenize
+(hpc.allocator; ``HPC_ALLOCATOR=system`` keeps glibc, whose heap fragments under
+training's per-step tensors: the resident set then grows with every step).
 
 A run resumes from <out>'s checkpoint unless ``--no-resume``. ``--init-from CK`` (or
 train.init_from) starts a fresh run (step 0, a new optimizer and schedule) from the
@@ -48,7 +53,10 @@ exported file starts runs (--init-from) but cannot be resumed. CPU runs are
 reproducible from ``train.seed`` (same thread count); CUDA runs are not bitwise
 (index_add_ in the sparse convolution's scatter uses atomics on CUDA). With in-memory
 generation every rank draws the same cells from the seed (cheap at small n; use
-shards for large sets: each rank then reads only its own cells).
+shards for large sets: each rank then reads only its own cells). Each rank keeps the
+assembled operators of its ``train.operator_cache`` most recently drawn cells (default 256,
+about 0.8 MB each at 32^3 in float32, 8 times that at 64^3; 0 keeps none): a cell drawn
+again is not assembled again, and memory does not grow with the number of cells seen.
 
 Exit status: 0 done, 2 bad configuration or data.
 """
@@ -66,6 +74,7 @@ import numpy as np
 import torch
 
 from hpc import distributed
+from hpc.allocator import active_allocator
 from model.train import build_model, load_config, train
 
 log = logging.getLogger("hpc.train")
@@ -382,7 +391,8 @@ def run(args) -> tuple:
             _write_yaml_atomic(os.path.join(os.path.dirname(tc.checkpoint) or ".", "config.yaml"), {
                 "model": mc.to_dict(), "loss": lc.to_dict(),
                 "train": {**dataclasses.asdict(tc), "device": requested_device}, **rest,
-                "launch": {"world": world, "device": device.type, "cells": what}})
+                "launch": {"world": world, "device": device.type, "cells": what,
+                           "allocator": active_allocator()}})
         np.random.seed(tc.seed)
         model = build_model(mc, tc)                    # seeded from train.seed: the same on every rank
         net = model
@@ -432,4 +442,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    # On tcmalloc where installed (hpc.allocator; before any launcher's collective): glibc's
+    # heap fragments under the per-step tensors of varying size (active voxels differ from
+    # cell to cell) and the resident set grows with every step (BENCHMARKS.md, "Training memory").
+    from hpc.allocator import reexec_with_tcmalloc
+    reexec_with_tcmalloc(["-m", "hpc.train", *sys.argv[1:]])
     sys.exit(main())

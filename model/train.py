@@ -19,6 +19,7 @@ only rank 0 writes checkpoints and the log.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -58,6 +59,12 @@ class TrainConfig:
     soft: float = 1e-6
     device: str = "cpu"
     init_from: str = ""                  # start a fresh run from this checkpoint's weights (fine-tuning)
+    operator_cache: int = 256            # cells whose assembled operators are kept between steps (LRU); 0: none
+
+    def __post_init__(self):
+        c = self.operator_cache
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"train.operator_cache must be a whole number >= 0 (cells kept), got {c!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -297,17 +304,25 @@ def train(model: torch.nn.Module, cells: Sequence, model_cfg: CGINSConfig, cfg: 
     if world > 1:
         _check_same_step(step, cfg.device)
     sdt = DTYPES[cfg.solver_dtype]
-    ops_cache = {}
-
-    source = getattr(cells, "source_index", lambda i: i)   # a repeated cell is assembled once
+    # A repeated cell is assembled once, but only the cfg.operator_cache most recently used
+    # cells are kept: an unbounded cache grows with every distinct cell drawn (about 2 MB each
+    # at 32^3 in float32; 6000 cells in a 1500-step run of 4 took the RSS from 3.4 to 15 GB).
+    # The operators are deterministic, so the bound changes memory, never the result.
+    ops_cache = collections.OrderedDict()
+    source = getattr(cells, "source_index", lambda i: i)
 
     def ops_of(idx):
         out = []
         for i in idx:
             key = source(i)
-            if key not in ops_cache:
-                ops_cache[key] = cell_operator(cells[i], sdt, cfg.device, cfg.soft)
-            out.append(ops_cache[key])
+            op = ops_cache.pop(key, None)
+            if op is None:
+                op = cell_operator(cells[i], sdt, cfg.device, cfg.soft)
+            if cfg.operator_cache:
+                ops_cache[key] = op
+                while len(ops_cache) > cfg.operator_cache:
+                    ops_cache.popitem(last=False)
+            out.append(op)
         return out
 
     row = rows[-1] if rows else {}

@@ -60,6 +60,50 @@ def test_resume_gives_same_weights_as_uninterrupted_run(tmp_path):
     assert not [f for f in os.listdir(os.path.dirname(tc2.checkpoint)) if f.startswith(".tmp-")]
 
 
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "8"])
+def test_operator_cache_size_must_be_a_whole_number(bad):
+    with pytest.raises(ValueError, match="operator_cache"):
+        TrainConfig.from_dict({"operator_cache": bad})
+
+
+def test_operator_cache_is_bounded_and_never_changes_the_weights(tmp_path, monkeypatch):
+    """train() keeps at most train.operator_cache assembled operators (least recently used
+    out): 5 cells drawn 12 times assemble 5 operators with room for all, 12 with none, and
+    with room for 1 no more than that one plus the step's batch is alive after a step. The
+    weights after 6 steps are bit-identical whatever the bound."""
+    import gc
+    import weakref
+
+    import model.train as mt
+    cells = _cells(count=5)
+    lc = LossConfig(level_weights=(1.0, 0.5))
+    made, peak, states = {}, {}, {}
+    assemble = mt.cell_operator
+    for size in (100, 0, 1):
+        refs = []
+
+        def counting(cell, *a, _refs=refs, **k):
+            op = assemble(cell, *a, **k)
+            _refs.append(weakref.ref(op))
+            return op
+        monkeypatch.setattr(mt, "cell_operator", counting)
+        alive = []
+
+        def after_step(step, row, _refs=refs, _alive=alive):
+            gc.collect()
+            _alive.append(sum(r() is not None for r in _refs))
+        mc, tc = _cfgs(tmp_path, f"cache{size}")
+        tc.operator_cache = size
+        net = build_model(mc, tc)
+        train(net, cells, mc, tc, lc, progress=after_step)
+        made[size], peak[size], states[size] = len(refs), max(alive), net.state_dict()
+    assert made[100] == 5 and made[0] == 12 and 5 < made[1] <= 12
+    assert peak[100] == 5 and peak[1] <= 1 + 2
+    for size in (0, 1):
+        for k, v in states[100].items():
+            assert torch.equal(v, states[size][k]), (size, k)
+
+
 def test_checkpoints_and_results_get_the_mode_of_an_ordinary_file(tmp_path):
     """mkstemp makes 0600; a checkpoint or result shared on a cluster must be readable as
     any file written with open() is (0666 less the umask)."""

@@ -79,6 +79,26 @@ def test_cli_end_to_end(tmp_path):
     assert "done: step 4" in r.stderr
 
 
+def test_cli_trains_on_tcmalloc_and_records_it(tmp_path):
+    """hpc.train re-executes itself with tcmalloc preloaded (hpc.allocator), as the solver's
+    command lines do; HPC_ALLOCATOR=system keeps glibc. config.yaml records which, and the
+    weights are bit-identical either way (the allocator never changes the numbers)."""
+    from hpc.allocator import find_tcmalloc
+    assert find_tcmalloc() is not None, "tcmalloc missing: apt-get install libtcmalloc-minimal4 (scripts/setup_env.sh)"
+    cfg = tiny_config(tmp_path / "tiny.yaml", steps=2, checkpoint_every=2)
+    weights = {}
+    for mode in ("tcmalloc", "system"):
+        env = clean_env(HPC_ALLOCATOR=mode)
+        env.pop("LD_PRELOAD", None)
+        r = subprocess.run([sys.executable, "-m", "hpc.train", cfg, "--out", str(tmp_path / mode)], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert yaml.safe_load(open(tmp_path / mode / "config.yaml"))["launch"]["allocator"] == mode
+        weights[mode] = load_checkpoint(str(tmp_path / mode / "cgins_tiny.pt"))["model"]
+    for k, v in weights["tcmalloc"].items():
+        assert torch.equal(v, weights["system"][k]), k
+
+
 def test_bad_config_and_uneven_batch_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  stepz: 3\n")
