@@ -115,7 +115,8 @@ def main():
         results.append(res)
         print(f"{name}: RSS {rows[0]['rss_mb']:.0f} -> {last['rss_mb']:.0f} MB at step {last['step']}, "
               f"{res['slope']:.2f} MB/step after step {a.skip}, {res['s_per_step']:.2f} s/step", flush=True)
-    marks = sorted({r["step"] for r in results[0]["rows"]} & set(range(0, a.steps + 1, max(a.every, a.steps // 5))))
+    stride = a.every * max(1, a.steps // (5 * a.every))        # about six columns, on sampled steps
+    marks = sorted({r["step"] for r in results[0]["rows"]} & set(range(0, a.steps + 1, stride)))
     table = markdown_table(
         ["case"] + [f"RSS MB, step {s}" for s in marks] + [f"growth MB/step (steps {a.skip}-{a.steps})", "s/step"],
         [[r["case"]] + [f"{next(x['rss_mb'] for x in r['rows'] if x['step'] == s):.0f}" for s in marks]
@@ -127,6 +128,8 @@ def main():
             f"start; a fresh process per row, the same cells in each).\n\n"
             f"{table}\n")
     print(text)
+    with open(os.path.join(HERE, "results", "train_memory.json"), "w") as fh:
+        json.dump({"machine": machine(), "args": vars(a), "results": results}, fh, indent=1)
     if a.write:
         update_section(os.path.join(ROOT, "BENCHMARKS.md"), "bench-train-memory", text)
 
