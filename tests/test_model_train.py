@@ -352,46 +352,36 @@ def test_shipped_cpu_ft5_model_records_its_start_and_recipe():
             and "done: step 1000" in log)
 
 
+def _check_shipped_on_the_shell_mix(name, base, steps, report):
+    """A CPU fine-tune on the shell-heavy mix: the export records ``base`` as its start, the
+    recipe, the CPU and its logged steps; its training log names the three data sets; and
+    the committed held-out report ``report`` is the report of this very file (its sha256)."""
+    import gzip
+    import hashlib
+    import json
+
+    d = _check_shipped_finetune(name, base, steps, "cpu")
+    with open(os.path.join(d, "train.log")) as fh:
+        log = fh.read()
+    assert ("['data/train32', 'data/train32_shell4096j', 'data/train32_shell4096i']" in log
+            and f"done: step {steps}" in log)
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with gzip.open(os.path.join(root, "bench", "results", report), "rt") as fh:
+        (evaluated,) = json.load(fh)["models"]
+    with open(os.path.join(d, f"{name}.pt"), "rb") as fh:
+        assert evaluated["step"] == steps and evaluated["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+
+
 def test_shipped_cpu_ft6_model_records_its_start_and_recipe():
     """models/cgins_cpu_ft6_t10 (first run in session 35, whose checkpoint was lost; run again
     and shipped in session 36): ft5 fine-tuned 1500 steps of 4 cells more on the 2-core CPU VM
-    with configs/cgins_cpu_ft6_t10.yaml, on the same shell-heavy mix. The export records ft5
-    (sha256 of the shipped file) as its start, the recipe, the CPU and its 1500 logged steps;
-    its training log names the three data sets, and the committed held-out report is the
-    report of this very file (its sha256)."""
-    import gzip
-    import hashlib
-    import json
-
-    d = _check_shipped_finetune("cgins_cpu_ft6_t10", "cgins_cpu_ft5_t10", 1500, "cpu")
-    with open(os.path.join(d, "train.log")) as fh:
-        log = fh.read()
-    assert ("['data/train32', 'data/train32_shell4096j', 'data/train32_shell4096i']" in log
-            and "done: step 1500" in log)
-    root = os.path.join(os.path.dirname(__file__), "..")
-    with gzip.open(os.path.join(root, "bench", "results", "eval_cpuft6_heldout32_s36.json.gz"), "rt") as fh:
-        (evaluated,) = json.load(fh)["models"]
-    with open(os.path.join(d, "cgins_cpu_ft6_t10.pt"), "rb") as fh:
-        assert evaluated["step"] == 1500 and evaluated["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    with configs/cgins_cpu_ft6_t10.yaml, on the same shell-heavy mix; its committed held-out
+    report is session 36's."""
+    _check_shipped_on_the_shell_mix("cgins_cpu_ft6_t10", "cgins_cpu_ft5_t10", 1500, "eval_cpuft6_heldout32_s36.json.gz")
 
 
 def test_shipped_cpu_ft7_model_records_its_start_and_recipe():
-    """models/cgins_cpu_ft7_t10 (session 37): ft6 fine-tuned 1000 steps of 4 cells more on
-    the 2-core CPU VM with configs/cgins_cpu_ft7_t10.yaml, on the same shell-heavy mix. The
-    export records ft6 (sha256 of the shipped file) as its start, the recipe, the CPU and
-    its 1000 logged steps; its training log names the three data sets, and the committed
-    held-out report is the report of this very file (its sha256)."""
-    import gzip
-    import hashlib
-    import json
-
-    d = _check_shipped_finetune("cgins_cpu_ft7_t10", "cgins_cpu_ft6_t10", 1000, "cpu")
-    with open(os.path.join(d, "train.log")) as fh:
-        log = fh.read()
-    assert ("['data/train32', 'data/train32_shell4096j', 'data/train32_shell4096i']" in log
-            and "done: step 1000" in log)
-    root = os.path.join(os.path.dirname(__file__), "..")
-    with gzip.open(os.path.join(root, "bench", "results", "eval_cpuft7_heldout32_s37.json.gz"), "rt") as fh:
-        (evaluated,) = json.load(fh)["models"]
-    with open(os.path.join(d, "cgins_cpu_ft7_t10.pt"), "rb") as fh:
-        assert evaluated["step"] == 1000 and evaluated["sha256"] == hashlib.sha256(fh.read()).hexdigest()
+    """models/cgins_cpu_ft7_t10 (session 37): ft6 fine-tuned 1000 steps of 4 cells more on a
+    2-core CPU VM with configs/cgins_cpu_ft7_t10.yaml, on the same shell-heavy mix; its
+    committed held-out report is session 37's."""
+    _check_shipped_on_the_shell_mix("cgins_cpu_ft7_t10", "cgins_cpu_ft6_t10", 1000, "eval_cpuft7_heldout32_s37.json.gz")
