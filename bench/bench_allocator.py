@@ -20,18 +20,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from common import machine, machine_line, markdown_table, update_section  # noqa: E402
-from hpc.allocator import find_tcmalloc  # noqa: E402
+from common import allocator_env, machine, machine_line, markdown_table, update_section  # noqa: E402
 
 
 def run(alloc: str, n: int, pc: str, threads: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    env.update(OMP_NUM_THREADS=str(threads), HPC_ALLOCATOR="system")   # no re-exec in the child
-    if alloc == "tcmalloc":
-        lib = find_tcmalloc()
-        if lib is None:
-            raise SystemExit("tcmalloc not found: apt-get install libtcmalloc-minimal4")
-        env["LD_PRELOAD"] = lib
+    env = allocator_env(alloc, threads)
     cmd = [sys.executable, os.path.join(HERE, "bench_jacobi.py"), "--one", "gyroid-sheet-0.20", str(n),
            "--precision", "float32", "--preconditioner", pc]
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)

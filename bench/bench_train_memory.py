@@ -66,14 +66,8 @@ def child(a) -> None:
 
 
 def run_case(a, alloc: str, cache: int) -> list:
-    from hpc.allocator import find_tcmalloc
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    env.update(OMP_NUM_THREADS=str(a.threads), HPC_ALLOCATOR="system")
-    if alloc == "tcmalloc":
-        lib = find_tcmalloc()
-        if lib is None:
-            raise SystemExit("tcmalloc not found: apt-get install libtcmalloc-minimal4")
-        env["LD_PRELOAD"] = lib
+    from common import allocator_env
+    env = allocator_env(alloc, a.threads)
     cmd = [sys.executable, os.path.abspath(__file__), a.config, "--child", "--steps", str(a.steps),
            "--every", str(a.every), "--threads", str(a.threads), "--operator-cache", str(cache)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)

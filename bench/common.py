@@ -45,6 +45,20 @@ def on_tcmalloc() -> None:
     reexec_with_tcmalloc(sys.argv)
 
 
+def allocator_env(alloc: str, threads: int) -> dict:
+    """Environment of a child process that runs on ``alloc`` ('system' = glibc malloc, or
+    'tcmalloc', preloaded) with ``threads`` OpenMP threads, and does not re-run itself."""
+    from hpc.allocator import find_tcmalloc
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env.update(OMP_NUM_THREADS=str(threads), HPC_ALLOCATOR="system")   # no re-exec in the child
+    if alloc == "tcmalloc":
+        lib = find_tcmalloc()
+        if lib is None:
+            raise SystemExit("tcmalloc not found: apt-get install libtcmalloc-minimal4")
+        env["LD_PRELOAD"] = lib
+    return env
+
+
 def markdown_table(header, rows) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
